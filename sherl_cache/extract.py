@@ -1,0 +1,614 @@
+"""Stage one: stream each split through the frozen backbone once and cache its hidden states.
+
+Work is cut into *units* (one shard index of a split, see ``cache.py``). The main thread runs
+the forward pass over length-sorted batches of a unit; a writer thread compresses and writes
+finished units while the next one is computed, then flags each unit as done. A rerun with the
+same arguments skips flagged units, so an interrupted extraction resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import queue
+import re
+import shlex
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbones import BackboneInfo, inspect_backbone, load_backbone, load_tokenizer
+from .cache import (
+    FLOAT16_MAX,
+    FORMAT_VERSION,
+    STORAGE_DTYPES,
+    Cache,
+    Geometry,
+    StorageDtype,
+    cache_key,
+    create_split,
+    hidden_name,
+    open_cache,
+    open_store,
+)
+from .data import Dataset, SplitData, load_files, load_glue
+from .errors import CacheError, CacheLockedError, CacheMismatchError, ConfigError, NumericOverflowError
+from .layers import parse_layer_spec
+from .tasks import get_task
+
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything ``sherl-cache extract`` takes; validated on creation."""
+
+    model: str
+    task: str | None = None
+    data_dir: Path | None = None
+    data_files: Mapping[str, Path] | None = None
+    text_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
+    layers: str = "all"
+    dtype: StorageDtype | None = None  # None: bfloat16 for T5 (fp16 overflows), else float16
+    max_length: int = 128
+    batch_size: int = 32
+    device: Device = "auto"
+    cache: str | None = None
+    cache_root: Path = Path("cache")
+    splits: tuple[str, ...] | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    chunk_tokens: int | None = None
+    shard_chunks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is None and not self.data_files:
+            raise ConfigError("nothing to extract: pass --task NAME and/or --data split=FILE,...")
+        if self.data_files and self.task is None and not self.text_columns:
+            raise ConfigError("--data without --task needs --text-columns (one or two names)")
+        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
+            raise ConfigError("--text-columns takes one or two column names")
+        if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(
+                f"unknown dtype {self.dtype!r} (--dtype): choose float32, float16 or bfloat16"
+            )
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r} (--device): choose auto, cpu, cuda")
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        for flag, value in (("--chunk-tokens", self.chunk_tokens), ("--shard-chunks", self.shard_chunks)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be positive, got {value}")
+
+
+@dataclass
+class ExtractResult:
+    path: str
+    resumed: bool
+    already_complete: bool
+    rows: int = 0
+    tokens: int = 0
+    bytes_stored: int = 0
+    bytes_raw: int = 0
+    seconds: float = 0.0
+    per_split: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bytes_raw / self.bytes_stored if self.bytes_stored else float("nan")
+
+
+# --- data and tokens ---------------------------------------------------------------------
+
+
+def load_dataset(config: ExtractConfig) -> Dataset:
+    task = get_task(config.task) if config.task else None
+    if config.data_files:
+        if task is not None:
+            text_columns = config.text_columns or task.text_columns
+            label_column = config.label_column or task.label_column
+        else:
+            text_columns, label_column = config.text_columns, config.label_column
+        dataset = load_files(config.data_files, text_columns, label_column, task=task)
+    else:
+        dataset = load_glue(task, config.data_dir, config.splits)
+    if config.splits:
+        missing = [s for s in config.splits if s not in dataset.splits]
+        if missing:
+            raise ConfigError(f"split(s) {missing} not in the data (--splits): have {list(dataset.splits)}")
+        dataset.splits = {s: dataset.splits[s] for s in config.splits}
+    return dataset
+
+
+@dataclass
+class TokenizedSplit:
+    name: str
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    truncated: int
+    labels: np.ndarray | None
+    fingerprint: str
+
+    @property
+    def offsets(self) -> np.ndarray:
+        lengths = np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64)
+        return np.concatenate([[0], np.cumsum(lengths)])
+
+
+def tokenize_split(tokenizer, split: SplitData, max_length: int) -> TokenizedSplit:
+    """Tokenise a whole split up front: cheap, and it fixes every example's token offset."""
+    texts = [list(column) for column in split.texts]
+    full = tokenizer(*texts, truncation=False, add_special_tokens=True, verbose=False)
+    truncated = sum(len(ids) > max_length for ids in full["input_ids"])
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length, verbose=False)
+    return TokenizedSplit(
+        name=split.name,
+        input_ids=encoded["input_ids"],
+        token_type_ids=encoded.get("token_type_ids"),
+        truncated=int(truncated),
+        labels=split.labels,
+        fingerprint=split.fingerprint(),
+    )
+
+
+def tokenizer_identity(tokenizer, model_dir: Path) -> dict[str, Any]:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json", "merges.txt"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + path.read_bytes())
+    return {
+        "name": str(getattr(tokenizer, "name_or_path", "")),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "files_sha256": digest.hexdigest(),
+        "padding_side": "right",
+    }
+
+
+# --- manifest and paths --------------------------------------------------------------------
+
+
+def build_manifest(
+    config: ExtractConfig,
+    info: BackboneInfo,
+    tokenizer_info: dict[str, Any],
+    dataset: Dataset,
+    tokenized: Mapping[str, TokenizedSplit],
+    layers: tuple[int, ...],
+    dtype: str,
+    geometry: Geometry,
+) -> dict[str, Any]:
+    task = dataset.task
+    manifest: dict[str, Any] = {
+        "format": "sherl-cache",
+        "format_version": FORMAT_VERSION,
+        "model": info.to_dict(),
+        "tokenizer": tokenizer_info,
+        "layers": list(layers),
+        "guaranteed_layer": info.num_layers - 1,
+        "dtype": dtype,
+        "max_length": config.max_length,
+        "truncation_side": "right",
+        "task": {
+            "name": task.name,
+            "problem": task.problem.value,
+            "label_names": list(task.label_names) if task.label_names else None,
+            "text_columns": list(task.text_columns),
+        },
+        "data": {
+            "source": dataset.source,
+            "splits": {
+                name: {"rows": len(tok.input_ids), "fingerprint": tok.fingerprint}
+                for name, tok in tokenized.items()
+            },
+        },
+    }
+    # The weights hash identifies the model; a local path must not split identical caches.
+    manifest["model"] = {k: v for k, v in manifest["model"].items() if k != "path"}
+    manifest["model_path"] = info.path  # where the late layers' weights were; not content
+    manifest["splits"] = {
+        name: {
+            "rows": len(tok.input_ids),
+            "tokens": int(tok.offsets[-1]),
+            "truncated": tok.truncated,
+            "labelled": tok.labels is not None,
+        }
+        for name, tok in tokenized.items()
+    }
+    manifest["geometry"] = {"chunk_tokens": geometry.chunk_tokens, "shard_tokens": geometry.shard_tokens}
+    manifest["sherl_cache_version"] = __version__
+    manifest["key"] = cache_key(manifest)
+    return manifest
+
+
+def default_cache_name(manifest: Mapping[str, Any]) -> str:
+    model = Path(manifest["model"]["model_id"].rstrip("/")).name or "model"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{manifest['task']['name']}-{model}").strip("-")
+    return f"{slug}-{manifest['dtype']}-{manifest['key'][:12]}"
+
+
+def first_difference(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first differing (field path, expected, found), for one-line mismatch errors."""
+    for name in sorted(set(expected) | set(found)):
+        a, b = expected.get(name), found.get(name)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diff = first_difference(a, b, f"{prefix}{name}.")
+            if diff:
+                return diff
+        elif a != b:
+            return f"{prefix}{name}", a, b
+    return None
+
+
+@contextlib.contextmanager
+def cache_lock(path: str) -> Iterator[None]:
+    """One writer per cache: a second extraction of the same path is refused, not interleaved."""
+    if "://" in path:
+        yield  # object stores have no cheap lock; distributed units never share shards
+        return
+    import fcntl
+
+    lock_path = Path(str(path).rstrip("/") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheLockedError(
+                f"another sherl-cache process is writing {path} (lock {lock_path}); "
+                "wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def reproduce_command(config: ExtractConfig) -> str:
+    parts = ["sherl-cache", "extract", "--model", config.model]
+    if config.task:
+        parts += ["--task", config.task]
+    if config.data_dir:
+        parts += ["--data-dir", str(config.data_dir)]
+    if config.data_files:
+        parts += ["--data", ",".join(f"{k}={v}" for k, v in config.data_files.items())]
+    if config.text_columns:
+        parts += ["--text-columns", ",".join(config.text_columns)]
+    if config.label_column:
+        parts += ["--label-column", config.label_column]
+    parts += ["--layers", config.layers, "--max-length", str(config.max_length)]
+    if config.dtype:
+        parts += ["--dtype", config.dtype]
+    if config.splits:
+        parts += ["--splits", ",".join(config.splits)]
+    if config.cache:
+        parts += ["--cache", config.cache]
+    else:
+        parts += ["--cache-root", str(config.cache_root)]
+    return shlex.join(parts)
+
+
+# --- the forward/write pipeline ----------------------------------------------------------
+
+
+@dataclass
+class Unit:
+    split: str
+    index: int
+    start: int
+    stop: int
+    hidden: np.ndarray  # (layers, tokens, hidden) in the storage representation
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
+
+
+class UnitWriter:
+    """Writes finished units on a background thread so the forward pass never waits on I/O."""
+
+    def __init__(self, root, layers: tuple[int, ...], depth: int = 2):
+        self._root = root
+        self._layers = layers
+        self._queue: queue.Queue[Unit | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sherl-cache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (unit := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(unit)
+                except BaseException as exc:  # re-raised in the main thread
+                    self._error = exc
+
+    def _write(self, unit: Unit) -> None:
+        group = self._root[unit.split]
+        span = slice(unit.start, unit.stop)
+        group["input_ids"][span] = unit.input_ids
+        if unit.token_type_ids is not None:
+            group["token_type_ids"][span] = unit.token_type_ids
+        for position, layer in enumerate(self._layers):
+            group[hidden_name(layer)][span] = unit.hidden[position]
+        group["units_done"][unit.index] = 1  # only after every shard of the unit is stored
+
+    def _check(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise _write_error(error) from error
+
+    def put(self, unit: Unit) -> None:
+        self._check()
+        self._queue.put(unit)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._check()
+
+
+def _write_error(error: BaseException) -> BaseException:
+    if isinstance(error, OSError):
+        return CacheError(
+            f"writing the cache failed ({error.strerror or error}); the cache stays resumable: "
+            "fix the cause (free disk space) and re-run the same command"
+        )
+    return error
+
+
+def _storage_tensor(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return hidden.to(torch.bfloat16).view(torch.int16)
+    return hidden.to(getattr(torch, dtype))
+
+
+def run_unit(
+    model,
+    tokens: TokenizedSplit,
+    offsets: np.ndarray,
+    unit: int,
+    start: int,
+    stop: int,
+    layers: tuple[int, ...],
+    dtype: str,
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+    forward_kwargs: Callable[[dict], dict],
+    on_batch: Callable[[int], None] | None = None,
+) -> Unit:
+    """Compute one unit: every example overlapping [start, stop), in length-sorted batches."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop, side="left"))
+    examples = sorted(range(first, last), key=lambda i: -len(tokens.input_ids[i]))
+    hidden_size = None
+    buffer: np.ndarray | None = None
+    input_ids = np.concatenate([tokens.input_ids[i] for i in range(first, last)]).astype(np.int32)
+    input_ids = input_ids[start - offsets[first] : stop - offsets[first]]
+    token_types = None
+    if tokens.token_type_ids is not None:
+        token_types = np.concatenate([tokens.token_type_ids[i] for i in range(first, last)])
+        token_types = token_types.astype(np.int8)[start - offsets[first] : stop - offsets[first]]
+    for b in range(0, len(examples), batch_size):
+        batch = examples[b : b + batch_size]
+        width = len(tokens.input_ids[batch[0]])
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        types = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(tokens.input_ids[i])
+            ids[row, :n] = torch.as_tensor(tokens.input_ids[i])
+            mask[row, :n] = 1
+            if tokens.token_type_ids is not None:
+                types[row, :n] = torch.as_tensor(tokens.token_type_ids[i])
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if tokens.token_type_ids is not None:
+            inputs["token_type_ids"] = types.to(device)
+        with torch.inference_mode():
+            states = model(**forward_kwargs(inputs), output_hidden_states=True).hidden_states
+            stacked = torch.stack([states[layer] for layer in layers])  # (layers, B, T, d)
+            if dtype == "float16":
+                _check_float16(stacked, mask.to(device), layers, batch, tokens.name)
+            stored = _storage_tensor(stacked, dtype).cpu().numpy()
+        if buffer is None:
+            hidden_size = stored.shape[-1]
+            buffer = np.zeros((len(layers), stop - start, hidden_size), dtype=STORAGE_DTYPES[dtype])
+        for row, i in enumerate(batch):
+            lo, hi = max(offsets[i], start), min(offsets[i + 1], stop)
+            buffer[:, lo - start : hi - start] = stored[:, row, lo - offsets[i] : hi - offsets[i]]
+        if on_batch is not None:
+            on_batch(sum(min(offsets[i + 1], stop) - max(offsets[i], start) for i in batch))
+    assert buffer is not None
+    return Unit(tokens.name, unit, start, stop, buffer, input_ids, token_types)
+
+
+def _check_float16(stacked: torch.Tensor, mask: torch.Tensor, layers, batch, split: str) -> None:
+    peak = (stacked.abs() * mask[None, :, :, None]).amax(dim=(2, 3))  # (layers, B)
+    if bool((peak > FLOAT16_MAX).any()) or not bool(torch.isfinite(peak).all()):
+        layer_pos, row = (int(x) for x in (peak > FLOAT16_MAX).nonzero()[0])
+        raise NumericOverflowError(
+            f"hidden-state index {layers[layer_pos]} of {split} example {batch[row]} reaches "
+            f"{float(peak[layer_pos, row]):.3g}, beyond float16's range: use --dtype bfloat16 "
+            "or --dtype float32"
+        )
+
+
+def extract(config: ExtractConfig, report: Callable[[str], None] = lambda _: None, progress: bool = True) -> ExtractResult:
+    """Run stage one; returns where the cache is and what was written."""
+    began = time.perf_counter()
+    dataset = load_dataset(config)
+    info = inspect_backbone(config.model, config.revision)
+    layers = tuple(sorted(set(parse_layer_spec(config.layers, info.num_layers)) | {info.num_layers - 1}))
+    dtype = config.dtype or ("bfloat16" if info.family == "t5" else "float16")
+    tokenizer = load_tokenizer(info.path, trust_remote_code=config.trust_remote_code)
+    tokenized = {name: tokenize_split(tokenizer, split, config.max_length) for name, split in dataset.splits.items()}
+    geometry = Geometry.choose(info.hidden_size, len(layers), dtype, config.chunk_tokens, config.shard_chunks)
+    manifest = build_manifest(
+        config, info, tokenizer_identity(tokenizer, Path(info.path)), dataset, tokenized, layers, dtype, geometry
+    )
+    manifest["command"] = reproduce_command(config)
+    path = config.cache or str(Path(config.cache_root) / default_cache_name(manifest))
+
+    with cache_lock(path):
+        existing = _existing_cache(path, manifest)
+        if existing is not None and existing.complete:
+            report(f"cache {path} is already complete for these inputs; nothing to do")
+            return ExtractResult(path, resumed=False, already_complete=True, **_totals(existing))
+        resumed = existing is not None
+        if resumed:
+            root = open_store(path, mode="r+")
+            report(f"resuming incomplete cache {path}")
+        else:
+            root = _create_store(path, manifest, tokenized, layers, info.hidden_size, dtype, geometry)
+
+        device = resolve_device(config.device)
+        compute_dtype = torch.float32 if device.type == "cpu" or dtype == "float32" else getattr(torch, dtype)
+        model, _, _ = load_backbone(
+            config.model, revision=config.revision, dtype=compute_dtype, device=str(device),
+            trust_remote_code=config.trust_remote_code,
+        )
+        accepts_types = "token_type_ids" in _forward_parameters(model)
+        def forward_kwargs(inputs: dict) -> dict:
+            return inputs if accepts_types else {k: v for k, v in inputs.items() if k != "token_type_ids"}
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        writer = UnitWriter(root, layers)
+        try:
+            for name, tokens in tokenized.items():
+                offsets = tokens.offsets
+                done = root[name]["units_done"][:]
+                todo = [u for u in range(len(done)) if not done[u]]
+                remaining = sum(geometry.unit_range(u, int(offsets[-1]))[1] - geometry.unit_range(u, int(offsets[-1]))[0] for u in todo)
+                bar = _progress_bar(name, remaining, progress)
+                for unit in todo:
+                    start, stop = geometry.unit_range(unit, int(offsets[-1]))
+                    writer.put(run_unit(model, tokens, offsets, unit, start, stop, layers, dtype, config.batch_size, device, pad_id, forward_kwargs, bar.update))
+                bar.close()
+        finally:
+            writer.close()
+
+        cache = open_cache(path, allow_incomplete=True)
+        stats = _finalize(root, cache)
+        result = ExtractResult(path, resumed=resumed, already_complete=False, **stats)
+        result.seconds = time.perf_counter() - began
+        report(
+            f"{result.rows} rows, {result.tokens} tokens, {result.bytes_stored:,} bytes written "
+            f"({result.compression_ratio:.2f}x compression of {result.bytes_raw:,} bytes)"
+        )
+        return result
+
+
+def _forward_parameters(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _progress_bar(split: str, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"extract {split}", unit="tok", unit_scale=True, disable=not enabled, leave=True)
+
+
+def _existing_cache(path: str, manifest: Mapping[str, Any]) -> Cache | None:
+    try:
+        existing = open_cache(path, allow_incomplete=True)
+    except CacheError as exc:
+        if _store_exists(path):
+            raise CacheMismatchError(f"{path} exists but is not a usable cache ({exc}); choose another --cache") from None
+        return None
+    if existing.manifest.get("key") != manifest["key"]:
+        diff = first_difference(
+            {k: manifest.get(k) for k in ("model", "tokenizer", "layers", "dtype", "max_length", "task", "data")},
+            {k: existing.manifest.get(k) for k in ("model", "tokenizer", "layers", "dtype", "max_length", "task", "data")},
+        )
+        where = f"field {diff[0]}: cache has {diff[2]!r}, this run needs {diff[1]!r}" if diff else "other inputs"
+        raise CacheMismatchError(
+            f"{path} holds a cache of other inputs ({where}); choose another --cache or remove it"
+        )
+    return existing
+
+
+def _store_exists(path: str) -> bool:
+    if "://" in path:
+        return False
+    return Path(path).exists() and any(Path(path).iterdir())
+
+
+def _create_store(path, manifest, tokenized, layers, hidden_size, dtype, geometry):
+    root = open_store(path, mode="w")
+    attrs = dict(manifest, complete=False, created=dt.datetime.now(dt.timezone.utc).isoformat())
+    root.attrs.update(attrs)
+    for name, tokens in tokenized.items():
+        labels = tokens.labels
+        create_split(
+            root, name, offsets=tokens.offsets, labels=labels, layers=layers,
+            hidden_size=hidden_size, dtype=dtype, geometry=geometry,
+            has_token_types=tokens.token_type_ids is not None,
+        )
+    return root
+
+
+def _totals(cache: Cache) -> dict[str, Any]:
+    stats = cache.manifest.get("stats", {})
+    return {
+        "rows": stats.get("rows", 0),
+        "tokens": stats.get("tokens", 0),
+        "bytes_stored": stats.get("bytes_stored", 0),
+        "bytes_raw": stats.get("bytes_raw", 0),
+        "per_split": stats.get("per_split", {}),
+    }
+
+
+def storage_stats(cache: Cache) -> dict[str, Any]:
+    per_split = {}
+    for split in cache.splits:
+        stored = raw = 0
+        for _, array in cache.arrays(split):
+            stored += array.nbytes_stored()
+            raw += array.nbytes
+        per_split[split] = {
+            "rows": cache.num_examples(split),
+            "tokens": cache.num_tokens(split),
+            "bytes_stored": int(stored),
+            "bytes_raw": int(raw),
+        }
+    return {
+        "rows": sum(s["rows"] for s in per_split.values()),
+        "tokens": sum(s["tokens"] for s in per_split.values()),
+        "bytes_stored": sum(s["bytes_stored"] for s in per_split.values()),
+        "bytes_raw": sum(s["bytes_raw"] for s in per_split.values()),
+        "per_split": per_split,
+    }
+
+
+def _finalize(root, cache: Cache) -> dict[str, Any]:
+    for split in cache.splits:
+        if not cache.units_done(split).all():
+            raise CacheError(f"split {split} of {cache.path} still has unwritten units")
+    stats = storage_stats(cache)
+    root.attrs.update(
+        {"stats": stats, "complete": True, "completed": dt.datetime.now(dt.timezone.utc).isoformat()}
+    )
+    return stats

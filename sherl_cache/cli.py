@@ -166,6 +166,70 @@ def info(
     typer.echo("\n".join(lines))
 
 
+@app.command()
+@reports_errors
+def train(
+    task: Optional[str] = typer.Option(None, "--task", help="Task the cache was made for (checked)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Cache path; default: find one in --cache-root."),
+    model: Optional[str] = typer.Option(None, "--model", help="Backbone (finds its cache; source of late weights)."),
+    cache_root: Path = typer.Option(Path("cache"), "--cache-root", help="Where to look for caches."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<task>-<time>)."),
+    tap: str = typer.Option("default", "--tap", help="Tapped hidden states: default | all | i,j,k | every:N."),
+    late_layers: int = typer.Option(1, "--late-layers", help="Pre-trained layers after the fusion (k)."),
+    late_mode: str = typer.Option("frozen", "--late-mode", help="frozen | full | lora."),
+    lora_rank: int = typer.Option(8, "--lora-rank"),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
+    reduction: int = typer.Option(8, "--reduction", help="Fusion width d/r."),
+    fusion_variant: str = typer.Option("linear", "--fusion-variant", help="linear | gated."),
+    fusion_dropout: float = typer.Option(0.1, "--fusion-dropout"),
+    head_dropout: float = typer.Option(0.1, "--head-dropout"),
+    pool: str = typer.Option("mean", "--pool", help="mean (masked mean of tokens) | first."),
+    lr: float = typer.Option(3e-3, "--lr"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    warmup_ratio: float = typer.Option(0.06, "--warmup-ratio"),
+    epochs: int = typer.Option(20, "--epochs"),
+    batch_size: int = typer.Option(100, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    train_split: str = typer.Option("train", "--train-split"),
+    eval_split: str = typer.Option("validation", "--eval-split"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train the SHERL fusion, late layers and head from a cache."""
+    import datetime as dt
+
+    from .training import TrainConfig, find_cache
+    from .training import train as run_train
+
+    if cache is None:
+        cache = find_cache(cache_root, task=task, model=model)
+    if out is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{task or 'run'}-{stamp}"
+    config = TrainConfig(
+        cache=cache, out=out, task=task, tap=tap, late_layers=late_layers, late_mode=late_mode,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, reduction=reduction,
+        fusion_variant=fusion_variant, fusion_dropout=fusion_dropout, head_dropout=head_dropout,
+        pool=pool, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, epochs=epochs,
+        batch_size=batch_size, seed=seed, train_split=train_split, eval_split=eval_split,
+        device=device, max_train_examples=max_train_examples, model=model, overwrite=overwrite,
+    )
+    metrics = run_train(config, report=_err, progress=not quiet).metrics
+    best = metrics["best"]
+    _err(
+        "best epoch {epoch}: ".format(**best)
+        + ", ".join(f"{k} {best[k]:.4f}" for k in best if k not in ("epoch",))
+    )
+    _err(
+        f"trainable {metrics['trainable_params']:,} / total {metrics['total_params']:,} params "
+        f"({metrics['trainable_percent']:.3f}%), peak memory {_human(metrics['peak_memory_bytes'])} "
+        f"({metrics['memory_measure']}), {1000 * metrics['step_seconds_median']:.1f} ms/step"
+    )
+    typer.echo(str(out))
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

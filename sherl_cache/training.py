@@ -1,0 +1,612 @@
+"""Stage two: train the SHERL fusion, the late layers and a head from cached hidden states.
+
+The model sees features through a ``FeatureSource``: ``CachedFeatures`` reads the cache,
+``OnlineFeatures`` runs the frozen backbone in the loop. Both give the same tensors for the
+same examples, so the cache changes what training costs, never what it computes; the
+equivalence test pins that.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import __version__
+from .backbones import LateRoute, build_late_route, resolve_model_dir
+from .cache import Cache, from_storage, open_cache
+from .errors import CacheMismatchError, ConfigError, RunError
+from .fusion import FUSION_VARIANTS, FusionConfig, MTSAFusion
+from .layers import parse_layer_spec
+from .memory import MemoryMeter
+from .metrics import compute_metrics
+from .tasks import Problem, TaskSpec, custom_task, get_task
+
+LateMode = Literal["frozen", "full", "lora"]
+LATE_MODES = ("frozen", "full", "lora")
+Pool = Literal["mean", "first"]
+POOLS = ("mean", "first")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Modules LoRA adapts in each family's late layers (attention and feed-forward projections).
+LORA_TARGETS = {
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``sherl-cache train`` takes; validated on creation, errors name the flag."""
+
+    cache: str
+    out: Path
+    task: str | None = None
+    tap: str = "default"
+    late_layers: int = 1
+    late_mode: LateMode = "frozen"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    reduction: int = 8
+    fusion_variant: str = "linear"
+    fusion_dropout: float = 0.1
+    head_dropout: float = 0.1
+    pool: Pool = "mean"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    epochs: int = 20
+    batch_size: int = 100
+    seed: int = 0
+    train_split: str = "train"
+    eval_split: str = "validation"
+    device: str = "auto"
+    max_train_examples: int | None = None
+    model: str | None = None  # where the late layers' weights are read; default: the cache's
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.late_layers >= 1, f"--late-layers must be at least 1, got {self.late_layers}"),
+            (self.late_mode in LATE_MODES, f"unknown --late-mode {self.late_mode!r}: choose frozen, full, lora"),
+            (self.lora_rank >= 1, f"--lora-rank must be positive, got {self.lora_rank}"),
+            (self.reduction >= 1, f"--reduction must be at least 1, got {self.reduction}"),
+            (self.fusion_variant in FUSION_VARIANTS, f"unknown --fusion-variant {self.fusion_variant!r}"),
+            (0 <= self.fusion_dropout < 1, f"--fusion-dropout must be in [0, 1), got {self.fusion_dropout}"),
+            (0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
+            (self.pool in POOLS, f"unknown --pool {self.pool!r}: choose mean or first"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.device in DEVICES, f"unknown --device {self.device!r}: choose auto, cpu, cuda"),
+            (
+                self.max_train_examples is None or self.max_train_examples >= 1,
+                "--max-train-examples must be positive",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["out"] = Path(values["out"])
+        return cls(**values)
+
+
+def default_taps(num_layers: int, k: int) -> tuple[int, ...]:
+    """SHERL's tapped layers for a depth: every state below the split for shallow models
+    (the BERT route of the reference code), and for deep ones (T5-large's GLUE setting)
+    every second state plus the two just below the split."""
+    split = num_layers - k
+    if split <= 12:
+        return tuple(range(split + 1))
+    return tuple(sorted(set(range(0, split + 1, 2)) | {split - 1, split}))
+
+
+def resolve_taps(spec: str, num_layers: int, k: int, stored: Sequence[int]) -> tuple[int, ...]:
+    split = num_layers - k
+    if spec == "default":
+        taps = tuple(t for t in default_taps(num_layers, k) if t in stored or t == split)
+    else:
+        taps = parse_layer_spec(spec, num_layers, flag="--tap")
+    above = [t for t in taps if t > split]
+    if above:
+        raise ConfigError(
+            f"tapped layer(s) {above} are above the split (--tap): with --late-layers {k} the "
+            f"fusion reads hidden-state indices 0..{split}"
+        )
+    return taps
+
+
+# --- features ---------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    taps: list[Tensor]  # each (B, T, d) float32
+    last: Tensor  # (B, T, d): the frozen input of the first late layer
+    mask: Tensor  # (B, T) 1/0
+    labels: Tensor | None
+
+
+class FeatureSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> Batch: ...
+
+
+class CachedFeatures:
+    """Reads the needed layers of one split into memory once, then gathers padded batches."""
+
+    def __init__(self, cache: Cache, split: str, taps: Sequence[int], last: int, limit: int | None = None):
+        self.taps, self.last = list(taps), last
+        self.dtype = cache.dtype
+        offsets = cache.offsets(split)
+        count = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
+        self.offsets = offsets[: count + 1]
+        stop = int(self.offsets[-1])
+        self.arrays = {
+            layer: cache.layer_array(split, layer)[:stop] for layer in sorted(set(self.taps) | {last})
+        }
+        self.labels = cache.labels(split)[:count] if cache.labelled(split) else None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> Batch:
+        starts = self.offsets[indices]
+        lengths = self.offsets[indices + 1] - starts
+        width = int(lengths.max())
+        positions = np.arange(width)[None, :]
+        mask = positions < lengths[:, None]
+        gather = np.where(mask, starts[:, None] + positions, starts[:, None])
+
+        def states(layer: int) -> Tensor:
+            values = from_storage(self.arrays[layer][gather], self.dtype)
+            return torch.from_numpy(values).to(device) * torch.from_numpy(mask[..., None]).to(device)
+
+        return Batch(
+            taps=[states(layer) for layer in self.taps],
+            last=states(self.last),
+            mask=torch.from_numpy(mask.astype(np.int64)).to(device),
+            labels=None if self.labels is None else torch.from_numpy(self.labels[indices]).to(device),
+        )
+
+
+class OnlineFeatures:
+    """The same features computed by the frozen backbone in the loop (eval mode, no grad).
+
+    The reference that ``CachedFeatures`` must match, and the baseline of the benchmarks.
+    """
+
+    def __init__(self, backbone: nn.Module, cache: Cache, split: str, taps: Sequence[int], last: int, limit: int | None = None):
+        self.backbone, self.cache, self.split = backbone, cache, split
+        self.taps, self.last = list(taps), last
+        count = cache.num_examples(split) if limit is None else min(limit, cache.num_examples(split))
+        self.count = count
+        self.labels = cache.labels(split)[:count] if cache.labelled(split) else None
+        self.ids = [cache.input_ids(split, i) for i in range(count)]
+        types = [cache.token_type_ids(split, i) for i in range(count)]
+        self.types = None if types and types[0] is None else types
+        import inspect
+
+        self.accepts_types = "token_type_ids" in inspect.signature(backbone.forward).parameters
+
+    def __len__(self) -> int:
+        return self.count
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> Batch:
+        width = max(len(self.ids[i]) for i in indices)
+        ids = torch.zeros((len(indices), width), dtype=torch.long)
+        types = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(indices):
+            n = len(self.ids[i])
+            ids[row, :n] = torch.from_numpy(self.ids[i].astype(np.int64))
+            mask[row, :n] = 1
+            if self.types is not None:
+                types[row, :n] = torch.from_numpy(self.types[i].astype(np.int64))
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if self.types is not None and self.accepts_types:
+            inputs["token_type_ids"] = types.to(device)
+        with torch.no_grad():
+            states = self.backbone(**inputs, output_hidden_states=True).hidden_states
+        keep = mask.to(device)[..., None].float()
+        return Batch(
+            taps=[states[layer].float() * keep for layer in self.taps],
+            last=states[self.last].float() * keep,
+            mask=mask.to(device),
+            labels=None if self.labels is None else torch.from_numpy(self.labels[indices]).to(device),
+        )
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class SherlModel(nn.Module):
+    """MTSA fusion -> last k pre-trained layers -> pooled task head."""
+
+    def __init__(self, fusion: MTSAFusion, late: LateRoute, task: TaskSpec, pool: Pool, head_dropout: float):
+        super().__init__()
+        self.fusion, self.late, self.pool = fusion, late, pool
+        hidden = fusion.config.hidden_size
+        outputs = 1 if task.problem == Problem.REGRESSION else task.num_labels
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(hidden, outputs))
+        self.regression = task.problem == Problem.REGRESSION
+
+    def forward(self, batch: Batch) -> Tensor:
+        fused = self.fusion(batch.taps, batch.last, batch.mask)
+        states = self.late(fused, batch.mask)
+        if self.pool == "first":
+            pooled = states[:, 0]
+        else:  # masked mean: every real token counts, padding never does
+            weights = batch.mask[..., None].to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        logits = self.head(pooled)
+        return logits.squeeze(-1) if self.regression else logits
+
+    def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        if self.regression:
+            return nn.functional.mse_loss(outputs, labels.float())
+        return nn.functional.cross_entropy(outputs, labels.long())
+
+
+def build_model(config: TrainConfig, cache: Cache, task: TaskSpec, taps: Sequence[int], model_path: str) -> SherlModel:
+    torch.manual_seed(config.seed)
+    fusion = MTSAFusion(
+        FusionConfig(
+            hidden_size=cache.hidden_size,
+            num_taps=len(taps),
+            reduction=config.reduction,
+            dropout=config.fusion_dropout,
+            variant=config.fusion_variant,
+        )
+    )
+    late = build_late_route(model_path, config.late_layers)
+    model = SherlModel(fusion, late, task, config.pool, config.head_dropout)
+    model.late.requires_grad_(config.late_mode == "full")
+    if config.late_mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        family = cache.manifest["model"]["family"]
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.late.named_modules()}
+        targets = [t for t in LORA_TARGETS[family] if t in present]
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
+        inject_adapter_in_model(lora, model.late)
+        for name, param in model.late.named_parameters():
+            param.requires_grad_("lora_" in name)
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class FitResult:
+    epochs: list[EpochResult] = field(default_factory=list)
+    best: EpochResult | None = None
+    best_state: dict[str, Tensor] | None = None
+    step_seconds: list[float] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def evaluate(model: SherlModel, source: FeatureSource, task: TaskSpec, device: torch.device, batch_size: int) -> tuple[np.ndarray, dict[str, float]]:
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(source), batch_size):
+            indices = np.arange(start, min(start + batch_size, len(source)))
+            outputs.append(model(source.batch(indices, device)).float().cpu())
+    predictions = torch.cat(outputs).numpy()
+    labels = getattr(source, "labels", None)
+    metrics = compute_metrics(task, predictions, labels) if labels is not None else {}
+    return predictions, metrics
+
+
+def fit(
+    model: SherlModel,
+    train: FeatureSource,
+    evaluation: FeatureSource | None,
+    task: TaskSpec,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    max_steps: int | None = None,
+    progress: bool = True,
+    report: Callable[[str], None] = lambda _: None,
+) -> FitResult:
+    """Seeded AdamW with linear warm-up and decay; validation after every epoch."""
+    from tqdm.auto import tqdm
+
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = steps_per_epoch * config.epochs if max_steps is None else max_steps
+    warmup = int(config.warmup_ratio * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup)),
+    )
+    order = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    result = FitResult()
+    began = time.perf_counter()
+    steps = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        permutation = torch.randperm(len(train), generator=order).numpy()
+        losses = []
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+        for start in range(0, len(train), config.batch_size):
+            t0 = time.perf_counter()
+            batch = train.batch(permutation[start : start + config.batch_size], device)
+            loss = model.loss(model(batch), batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            result.step_seconds.append(time.perf_counter() - t0)
+            value = loss.item()
+            losses.append(value)
+            result.step_losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}")
+            bar.update()
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        bar.close()
+        metrics = evaluate(model, evaluation, task, device, config.batch_size)[1] if evaluation is not None else {}
+        epoch_result = EpochResult(epoch, float(np.mean(losses)), metrics)
+        result.epochs.append(epoch_result)
+        report(
+            f"epoch {epoch}: loss {epoch_result.loss:.4f}"
+            + "".join(f", {k} {v:.4f}" for k, v in metrics.items())
+        )
+        if result.best is None or _better(epoch_result, result.best, task):
+            result.best, result.best_state = epoch_result, trainable_state(model)
+        if max_steps is not None and steps >= max_steps:
+            break
+    result.train_seconds = time.perf_counter() - began
+    return result
+
+
+def _better(candidate: EpochResult, best: EpochResult, task: TaskSpec) -> bool:
+    if task.main_metric in candidate.metrics and task.main_metric in best.metrics:
+        return candidate.metrics[task.main_metric] > best.metrics[task.main_metric]
+    return candidate.loss < best.loss
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    metrics: dict[str, Any]
+
+
+def task_of(cache: Cache, requested: str | None) -> TaskSpec:
+    recorded = cache.manifest["task"]
+    if requested is not None:
+        wanted = get_task(requested)
+        if wanted.name != recorded["name"]:
+            raise CacheMismatchError(
+                f"cache {cache.path} was made for task {recorded['name']!r}, not {wanted.name!r} "
+                f"(--task); make one with: sherl-cache extract --model "
+                f"{cache.manifest['model']['model_id']} --task {wanted.name}"
+            )
+    try:
+        return get_task(recorded["name"])
+    except ConfigError:
+        return custom_task(
+            recorded["text_columns"],
+            None,
+            tuple(recorded["label_names"]) if recorded.get("label_names") else None,
+            Problem(recorded["problem"]),
+        )
+
+
+def find_cache(cache_root: Path, task: str | None, model: str | None) -> str:
+    """The complete cache under ``cache_root`` for this task and model, else how to make one."""
+    if task is None or model is None:
+        raise ConfigError("pass --cache PATH, or --task and --model to find a matching cache")
+    wanted = get_task(task).name
+    matches = []
+    for candidate in sorted(Path(cache_root).glob("*")) if Path(cache_root).is_dir() else []:
+        try:
+            found = open_cache(str(candidate), allow_incomplete=True)
+        except Exception:  # noqa: BLE001 - anything unreadable is simply not a match
+            continue
+        recorded = found.manifest.get("model", {})
+        if found.manifest.get("task", {}).get("name") == wanted and model in (
+            recorded.get("model_id"),
+            found.manifest.get("model_path"),
+        ):
+            matches.append(found)
+    complete = [c for c in matches if c.complete]
+    if complete:
+        return max(complete, key=lambda c: c.manifest.get("completed", "")).path
+    command = f"sherl-cache extract --model {model} --task {wanted} --cache-root {cache_root}"
+    if matches:
+        raise CacheMismatchError(f"the cache for {wanted} and {model} is incomplete; finish it with: {command}")
+    raise CacheMismatchError(f"no cache for task {wanted} and model {model} in {cache_root}; make one with: {command}")
+
+
+def late_weights_path(cache: Cache, override: str | None) -> str:
+    """The checkpoint the late layers come from, checked against the cache's weights hash."""
+    from .backbones import inspect_backbone
+
+    recorded = cache.manifest["model"]
+    candidates = [override] if override else [recorded["model_id"], cache.manifest.get("model_path")]
+    last_error: Exception | None = None
+    for candidate in filter(None, candidates):
+        try:
+            info = inspect_backbone(candidate, recorded.get("revision"))
+        except Exception as exc:  # noqa: BLE001 - try the next candidate, report the last
+            last_error = exc
+            continue
+        if info.weights_sha256 != recorded["weights_sha256"]:
+            raise CacheMismatchError(
+                f"model {candidate!r} is not the one cache {cache.path} was made with "
+                f"(field model.weights_sha256: cache has {recorded['weights_sha256'][:12]}…, "
+                f"model has {info.weights_sha256[:12]}…); pass --model with the original"
+            )
+        return str(resolve_model_dir(candidate, recorded.get("revision"))[0])
+    raise CacheMismatchError(
+        f"cannot find the weights of {recorded['model_id']!r} that cache {cache.path} was made "
+        f"with ({last_error}); pass --model PATH"
+    )
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunError(f"--out {out} already holds a run; choose another --out or pass --overwrite")
+        for name in ("metrics.json", "config.json", "trainable.safetensors"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def train(config: TrainConfig, report: Callable[[str], None] = lambda _: None, progress: bool = True) -> TrainResult:
+    """Run stage two from a cache; writes config.json, trainable.safetensors, metrics.json."""
+    meter = MemoryMeter()
+    cache = open_cache(config.cache)
+    task = task_of(cache, config.task)
+    num_layers = cache.num_layers
+    if config.late_layers > num_layers:
+        raise ConfigError(f"--late-layers must be between 1 and {num_layers}, got {config.late_layers}")
+    split = num_layers - config.late_layers
+    taps = resolve_taps(config.tap, num_layers, config.late_layers, cache.layers)
+    missing = sorted((set(taps) | {split}) - set(cache.layers))
+    if missing:
+        raise CacheMismatchError(
+            f"cache {cache.path} does not store hidden-state indices {missing} needed by "
+            f"--tap/--late-layers (field layers: cache has {cache.layers}); make one with: "
+            f"sherl-cache extract --model {cache.manifest['model']['model_id']} --task "
+            f"{task.name} --layers {','.join(map(str, sorted(set(cache.layers) | set(missing))))}"
+        )
+    for name in (config.train_split, config.eval_split):
+        if name not in cache.splits:
+            flag = "--train-split" if name == config.train_split else "--eval-split"
+            raise CacheMismatchError(f"cache {cache.path} has no split {name!r} ({flag}); it has {cache.splits}")
+    if not cache.labelled(config.train_split):
+        raise CacheMismatchError(f"split {config.train_split!r} of {cache.path} has no labels to train on")
+    prepare_out(config.out, config.overwrite)
+    device = resolve_device(config.device)
+    model_path = late_weights_path(cache, config.model)
+
+    meter.start(device)
+    model = build_model(config, cache, task, taps, model_path)
+    train_source = CachedFeatures(cache, config.train_split, taps, split, config.max_train_examples)
+    eval_source = CachedFeatures(cache, config.eval_split, taps, split) if cache.labelled(config.eval_split) else None
+    resolved = config.to_dict() | {
+        "tap": list(taps),
+        "split_index": split,
+        "task": task.name,
+        "cache_key": cache.manifest["key"],
+        "model_id": cache.manifest["model"]["model_id"],
+        "model_path": model_path,
+        "sherl_cache_version": __version__,
+        "command": shlex.join(sys.argv) if sys.argv and "sherl-cache" in sys.argv[0] else None,
+    }
+    (config.out / "config.json").write_text(json.dumps(resolved, indent=2))
+    report(
+        f"training {task.name}: {len(train_source)} examples, taps {list(taps)}, "
+        f"{config.late_layers} late layer(s) ({config.late_mode}), device {device}"
+    )
+    fitted = fit(model, train_source, eval_source, task, config, device, progress=progress, report=report)
+    peak, measure = meter.peak()
+
+    save_file(fitted.best_state or trainable_state(model), str(config.out / "trainable.safetensors"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    added = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("late.") or "lora_" in n)
+    total = backbone_parameter_count(model_path) + added
+    metrics = {
+        "task": task.name,
+        "main_metric": task.main_metric,
+        "best": _epoch_dict(fitted.best),
+        "epochs": [_epoch_dict(e) for e in fitted.epochs],
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "trainable_percent": round(100 * trainable / total, 4),
+        "peak_memory_bytes": int(peak),
+        "memory_measure": measure,
+        "step_seconds_median": statistics.median(fitted.step_seconds),
+        "train_seconds": fitted.train_seconds,
+        "steps": len(fitted.step_seconds),
+        "device": str(device),
+    }
+    (config.out / "metrics.json").write_text(json.dumps(metrics, indent=2))  # written last: marks the run complete
+    return TrainResult(config.out, metrics)
+
+
+def _epoch_dict(epoch: EpochResult | None) -> dict[str, Any]:
+    if epoch is None:
+        return {}
+    return {"epoch": epoch.epoch, "loss": epoch.loss, **epoch.metrics}
+
+
+def backbone_parameter_count(model_path: str) -> int:
+    """Parameters of the extraction backbone, from safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                if name.startswith(("decoder.", "lm_head.")):
+                    continue  # T5's decoder is not part of the encoder backbone
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total
+
+
+def copy_config(config: TrainConfig, **changes: Any) -> TrainConfig:
+    data = copy.deepcopy(config.to_dict()) | changes
+    return TrainConfig.from_dict(data)

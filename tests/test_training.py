@@ -1,0 +1,181 @@
+"""Stage two: cached training equals online training, outputs, modes, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sherl_cache import open_cache
+from sherl_cache.backbones import load_backbone
+from sherl_cache.errors import CacheMismatchError, ConfigError, RunError
+from sherl_cache.extract import ExtractConfig, extract
+from sherl_cache.training import (
+    CachedFeatures,
+    OnlineFeatures,
+    TrainConfig,
+    build_model,
+    default_taps,
+    fit,
+    task_of,
+    train,
+    trainable_state,
+)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, tiny_models, glue_dir):
+    root = tmp_path_factory.mktemp("caches")
+    return {
+        family: extract(
+            ExtractConfig(model=str(path), task="mrpc", data_dir=glue_dir, cache_root=root, dtype="float32", device="cpu"),
+            progress=False,
+        ).path
+        for family, path in tiny_models.items()
+    }
+
+
+def run_config(tmp_path, cache, **overrides):
+    values = dict(cache=cache, out=tmp_path / "run", epochs=2, batch_size=8, lr=1e-2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "t5"])
+@pytest.mark.parametrize("late_mode", ["frozen", "full", "lora"])
+def test_cached_training_equals_online_training(tmp_path, caches, tiny_models, family, late_mode):
+    """The cache changes cost, not results: same losses and parameter updates as online."""
+    cache = open_cache(caches[family])
+    config = run_config(tmp_path, caches[family], late_mode=late_mode, late_layers=2, tap="0,1,2")
+    task = task_of(cache, None)
+    split = cache.num_layers - config.late_layers
+    backbone, _, _ = load_backbone(str(tiny_models[family]))
+    outcomes = []
+    for source in (
+        CachedFeatures(cache, "train", [0, 1, 2], split),
+        OnlineFeatures(backbone, cache, "train", [0, 1, 2], split),
+    ):
+        model = build_model(config, cache, task, [0, 1, 2], str(tiny_models[family]))
+        fitted = fit(model, source, None, task, config, torch.device("cpu"), max_steps=4, progress=False)
+        outcomes.append((fitted.step_losses, trainable_state(model)))
+    (cached_losses, cached_state), (online_losses, online_state) = outcomes
+    torch.testing.assert_close(torch.tensor(cached_losses), torch.tensor(online_losses), atol=1e-5, rtol=1e-5)
+    assert cached_state.keys() == online_state.keys() and cached_state
+    for name in cached_state:
+        torch.testing.assert_close(cached_state[name], online_state[name], atol=1e-5, rtol=1e-4)
+
+
+def test_train_writes_run_folder(tmp_path, caches):
+    result = train(run_config(tmp_path, caches["bert"]), progress=False)
+    out = result.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("best", "epochs", "trainable_params", "total_params", "peak_memory_bytes",
+                "memory_measure", "step_seconds_median", "train_seconds"):
+        assert key in metrics
+    assert set(metrics["best"]) >= {"accuracy", "f1", "epoch", "loss"}
+    assert len(metrics["epochs"]) == 2
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["tap"] == [0, 1, 2, 3] and config["cache_key"]
+    state = load_file(out / "trainable.safetensors")
+    assert sum(t.numel() for t in state.values()) == metrics["trainable_params"]
+    assert all(not name.startswith("late.") for name in state)  # frozen late layers not saved
+    assert TrainConfig.from_dict(config).lr == 1e-2  # enough to rerun
+
+
+def test_existing_out_is_not_overwritten(tmp_path, caches):
+    train(run_config(tmp_path, caches["bert"], epochs=1), progress=False)
+    with pytest.raises(RunError, match="--overwrite"):
+        train(run_config(tmp_path, caches["bert"], epochs=1), progress=False)
+    train(run_config(tmp_path, caches["bert"], epochs=1, overwrite=True), progress=False)
+
+
+def test_seeded_runs_repeat_exactly(tmp_path, caches):
+    a = train(run_config(tmp_path, caches["t5"], out=tmp_path / "a"), progress=False).metrics
+    b = train(run_config(tmp_path, caches["t5"], out=tmp_path / "b"), progress=False).metrics
+    assert [e["loss"] for e in a["epochs"]] == [e["loss"] for e in b["epochs"]]
+
+
+def test_golden_losses(tmp_path, caches):
+    """Seeded losses of a fixed tiny setup; a change here means the maths changed."""
+    metrics = train(run_config(tmp_path, caches["bert"], epochs=3), progress=False).metrics
+    losses = [round(e["loss"], 4) for e in metrics["epochs"]]
+    assert np.allclose(losses, GOLDEN_BERT_LOSSES, atol=2e-4), losses
+
+
+GOLDEN_BERT_LOSSES = [0.7358, 0.6228, 0.6402]
+
+
+def test_modes_change_what_trains(tmp_path, caches):
+    counts = {}
+    for mode in ("frozen", "lora", "full"):
+        metrics = train(run_config(tmp_path, caches["roberta"], out=tmp_path / mode, late_mode=mode, epochs=1), progress=False).metrics
+        counts[mode] = metrics["trainable_params"]
+    assert counts["frozen"] < counts["lora"] < counts["full"]
+    state = load_file(tmp_path / "lora" / "trainable.safetensors")
+    assert any("lora_" in n for n in state) and not any(n.startswith("late.") and "lora_" not in n for n in state)
+
+
+def test_default_taps():
+    assert default_taps(6, 1) == (0, 1, 2, 3, 4, 5)
+    assert default_taps(24, 1) == (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 23)
+    assert default_taps(24, 2)[-2:] == (21, 22)
+
+
+def test_cache_without_needed_layers_names_extract_command(tmp_path, tiny_models, glue_dir):
+    path = extract(
+        ExtractConfig(model=str(tiny_models["bert"]), task="mrpc", data_dir=glue_dir, cache_root=tmp_path, layers="0,3"),
+        progress=False,
+    ).path
+    with pytest.raises(CacheMismatchError, match=r"field layers.*sherl-cache extract .*--layers 0,1,3"):
+        train(run_config(tmp_path, path, tap="0,1"), progress=False)
+    with pytest.raises(CacheMismatchError, match="late-layers"):
+        train(run_config(tmp_path, path, tap="0", late_layers=2), progress=False)
+
+
+def test_wrong_task_is_refused(tmp_path, caches):
+    with pytest.raises(CacheMismatchError, match="made for task 'mrpc', not 'rte'.*--task"):
+        train(run_config(tmp_path, caches["bert"], task="rte"), progress=False)
+
+
+def test_tap_above_split_is_refused(tmp_path, caches):
+    with pytest.raises(ConfigError, match="above the split.*--tap"):
+        train(run_config(tmp_path, caches["bert"], tap="0,4"), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"late_mode": "half"}, "--late-mode"),
+        ({"reduction": 0}, "--reduction"),
+        ({"lr": -1.0}, "--lr"),
+        ({"epochs": 0}, "--epochs"),
+        ({"pool": "max"}, "--pool"),
+        ({"late_layers": 0}, "--late-layers"),
+    ],
+)
+def test_bad_train_config(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        run_config(tmp_path, "x", **overrides)
+
+
+def test_regression_head_for_stsb(tmp_path, tiny_models):
+    stsb = tmp_path / "glue" / "STS-B"
+    stsb.mkdir(parents=True)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    rng = np.random.default_rng(0)
+    for name, n in (("train.tsv", 16), ("dev.tsv", 8)):
+        rows = "".join(
+            f"{i}\tmain\tf\t2012\t{i}\ts\ts\tthe company said {i} .\tpeople told {i % 3} .\t{rng.uniform(0, 5):.3f}\n"
+            for i in range(n)
+        )
+        (stsb / name).write_text(header + rows)
+    path = extract(
+        ExtractConfig(model=str(tiny_models["bert"]), task="stsb", data_dir=tmp_path / "glue", cache_root=tmp_path / "c"),
+        progress=False,
+    ).path
+    metrics = train(run_config(tmp_path, path), progress=False).metrics
+    assert {"pearson", "spearman"} <= set(metrics["best"])

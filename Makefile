@@ -15,6 +15,8 @@ setup: $(BIN)/sherl-cache
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/sherl-cache extract --model $(MINILM) --task mrpc --data-dir $(DATA_DIR) --layers all > .demo-cache-path
 	$(BIN)/sherl-cache info $$(tail -n 1 .demo-cache-path)
+	$(BIN)/sherl-cache train --cache $$(tail -n 1 .demo-cache-path) --out runs/demo-mrpc-minilm \
+		--epochs 3 --batch-size 32 --lr 3e-3 --seed 0 --overwrite
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

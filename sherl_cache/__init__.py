@@ -1,8 +1,25 @@
 """sherl-cache: run a frozen backbone once, cache its hidden states, train SHERL from the cache."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from .cache import Cache, open_cache  # noqa: E402
 from .errors import SherlCacheError  # noqa: E402
 
-__all__ = ["Cache", "SherlCacheError", "__version__", "open_cache"]
+if TYPE_CHECKING:
+    from .predict import Run, load_run
+
+__all__ = ["Cache", "Run", "SherlCacheError", "__version__", "load_run", "open_cache"]
+
+
+def __getattr__(name: str) -> Any:
+    # Prediction pulls in torch and transformers; importing it lazily keeps `import sherl_cache`
+    # (and every CLI command that only reads caches) fast.
+    if name in ("Run", "load_run"):
+        from . import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module 'sherl_cache' has no attribute {name!r}")

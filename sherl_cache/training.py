@@ -15,7 +15,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -82,16 +82,34 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.late_layers >= 1, f"--late-layers must be at least 1, got {self.late_layers}"),
-            (self.late_mode in LATE_MODES, f"unknown --late-mode {self.late_mode!r}: choose frozen, full, lora"),
+            (
+                self.late_mode in LATE_MODES,
+                f"unknown --late-mode {self.late_mode!r}: choose frozen, full, lora",
+            ),
             (self.lora_rank >= 1, f"--lora-rank must be positive, got {self.lora_rank}"),
             (self.reduction >= 1, f"--reduction must be at least 1, got {self.reduction}"),
-            (self.fusion_variant in FUSION_VARIANTS, f"unknown --fusion-variant {self.fusion_variant!r}"),
-            (0 <= self.fusion_dropout < 1, f"--fusion-dropout must be in [0, 1), got {self.fusion_dropout}"),
-            (0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
+            (
+                self.fusion_variant in FUSION_VARIANTS,
+                f"unknown --fusion-variant {self.fusion_variant!r}",
+            ),
+            (
+                0 <= self.fusion_dropout < 1,
+                f"--fusion-dropout must be in [0, 1), got {self.fusion_dropout}",
+            ),
+            (
+                0 <= self.head_dropout < 1,
+                f"--head-dropout must be in [0, 1), got {self.head_dropout}",
+            ),
             (self.pool in POOLS, f"unknown --pool {self.pool!r}: choose mean or first"),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (
+                self.lr > 0 and math.isfinite(self.lr),
+                f"--lr must be a positive number, got {self.lr}",
+            ),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (
+                0 <= self.warmup_ratio < 1,
+                f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}",
+            ),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
             (self.device in DEVICES, f"unknown --device {self.device!r}: choose auto, cpu, cuda"),
@@ -162,7 +180,9 @@ class FeatureSource(Protocol):
 class CachedFeatures:
     """Reads the needed layers of one split into memory once, then gathers padded batches."""
 
-    def __init__(self, cache: Cache, split: str, taps: Sequence[int], last: int, limit: int | None = None):
+    def __init__(
+        self, cache: Cache, split: str, taps: Sequence[int], last: int, limit: int | None = None
+    ):
         self.taps, self.last = list(taps), last
         self.dtype = cache.dtype
         offsets = cache.offsets(split)
@@ -170,7 +190,8 @@ class CachedFeatures:
         self.offsets = offsets[: count + 1]
         stop = int(self.offsets[-1])
         self.arrays = {
-            layer: cache.layer_array(split, layer)[:stop] for layer in sorted(set(self.taps) | {last})
+            layer: cache.layer_array(split, layer)[:stop]
+            for layer in sorted(set(self.taps) | {last})
         }
         self.labels = cache.labels(split)[:count] if cache.labelled(split) else None
 
@@ -187,13 +208,17 @@ class CachedFeatures:
 
         def states(layer: int) -> Tensor:
             values = from_storage(self.arrays[layer][gather], self.dtype)
-            return torch.from_numpy(values).to(device) * torch.from_numpy(mask[..., None]).to(device)
+            return torch.from_numpy(values).to(device) * torch.from_numpy(mask[..., None]).to(
+                device
+            )
 
         return Batch(
             taps=[states(layer) for layer in self.taps],
             last=states(self.last),
             mask=torch.from_numpy(mask.astype(np.int64)).to(device),
-            labels=None if self.labels is None else torch.from_numpy(self.labels[indices]).to(device),
+            labels=None
+            if self.labels is None
+            else torch.from_numpy(self.labels[indices]).to(device),
         )
 
 
@@ -203,10 +228,20 @@ class OnlineFeatures:
     The reference that ``CachedFeatures`` must match, and the baseline of the benchmarks.
     """
 
-    def __init__(self, backbone: nn.Module, cache: Cache, split: str, taps: Sequence[int], last: int, limit: int | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        cache: Cache,
+        split: str,
+        taps: Sequence[int],
+        last: int,
+        limit: int | None = None,
+    ):
         self.backbone, self.cache, self.split = backbone, cache, split
         self.taps, self.last = list(taps), last
-        count = cache.num_examples(split) if limit is None else min(limit, cache.num_examples(split))
+        count = (
+            cache.num_examples(split) if limit is None else min(limit, cache.num_examples(split))
+        )
         self.count = count
         self.labels = cache.labels(split)[:count] if cache.labelled(split) else None
         self.ids = [cache.input_ids(split, i) for i in range(count)]
@@ -240,7 +275,9 @@ class OnlineFeatures:
             taps=[states[layer].float() * keep for layer in self.taps],
             last=states[self.last].float() * keep,
             mask=mask.to(device),
-            labels=None if self.labels is None else torch.from_numpy(self.labels[indices]).to(device),
+            labels=None
+            if self.labels is None
+            else torch.from_numpy(self.labels[indices]).to(device),
         )
 
 
@@ -250,7 +287,9 @@ class OnlineFeatures:
 class SherlModel(nn.Module):
     """MTSA fusion -> last k pre-trained layers -> pooled task head."""
 
-    def __init__(self, fusion: MTSAFusion, late: LateRoute, task: TaskSpec, pool: Pool, head_dropout: float):
+    def __init__(
+        self, fusion: MTSAFusion, late: LateRoute, task: TaskSpec, pool: Pool, head_dropout: float
+    ):
         super().__init__()
         self.fusion, self.late, self.pool = fusion, late, pool
         hidden = fusion.config.hidden_size
@@ -275,11 +314,24 @@ class SherlModel(nn.Module):
         return nn.functional.cross_entropy(outputs, labels.long())
 
 
-def build_model(config: TrainConfig, cache: Cache, task: TaskSpec, taps: Sequence[int], model_path: str) -> SherlModel:
+def build_model(
+    config: TrainConfig,
+    backbone: Cache | Mapping[str, Any],
+    task: TaskSpec,
+    taps: Sequence[int],
+    model_path: str,
+) -> SherlModel:
+    """A freshly initialised SherlModel (seeded), late layers read from ``model_path``.
+
+    ``backbone`` is the backbone identity as a cache manifest records it (``model``: family,
+    hidden_size, ...); a Cache stands for its own. Taking the identity rather than a cache lets
+    a run be rebuilt for prediction from its config.json alone.
+    """
+    identity = backbone.manifest["model"] if isinstance(backbone, Cache) else backbone
     torch.manual_seed(config.seed)
     fusion = MTSAFusion(
         FusionConfig(
-            hidden_size=cache.hidden_size,
+            hidden_size=int(identity["hidden_size"]),
             num_taps=len(taps),
             reduction=config.reduction,
             dropout=config.fusion_dropout,
@@ -292,9 +344,8 @@ def build_model(config: TrainConfig, cache: Cache, task: TaskSpec, taps: Sequenc
     if config.late_mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        family = cache.manifest["model"]["family"]
         present = {name.rsplit(".", 1)[-1] for name, _ in model.late.named_modules()}
-        targets = [t for t in LORA_TARGETS[family] if t in present]
+        targets = [t for t in LORA_TARGETS[identity["family"]] if t in present]
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
         inject_adapter_in_model(lora, model.late)
         for name, param in model.late.named_parameters():
@@ -326,7 +377,9 @@ class FitResult:
     train_seconds: float = 0.0
 
 
-def evaluate(model: SherlModel, source: FeatureSource, task: TaskSpec, device: torch.device, batch_size: int) -> tuple[np.ndarray, dict[str, float]]:
+def evaluate(
+    model: SherlModel, source: FeatureSource, task: TaskSpec, device: torch.device, batch_size: int
+) -> tuple[np.ndarray, dict[str, float]]:
     model.eval()
     outputs = []
     with torch.no_grad():
@@ -362,7 +415,11 @@ def fit(
     warmup = int(config.warmup_ratio * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup)),
+        lambda step: (
+            (step + 1) / warmup
+            if step < warmup
+            else max(0.0, (total - step) / max(1, total - warmup))
+        ),
     )
     order = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -373,7 +430,12 @@ def fit(
         model.train()
         permutation = torch.randperm(len(train), generator=order).numpy()
         losses = []
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{config.epochs}",
+            disable=not progress,
+            leave=False,
+        )
         for start in range(0, len(train), config.batch_size):
             t0 = time.perf_counter()
             batch = train.batch(permutation[start : start + config.batch_size], device)
@@ -394,7 +456,11 @@ def fit(
             if max_steps is not None and steps >= max_steps:
                 break
         bar.close()
-        metrics = evaluate(model, evaluation, task, device, config.batch_size)[1] if evaluation is not None else {}
+        metrics = (
+            evaluate(model, evaluation, task, device, config.batch_size)[1]
+            if evaluation is not None
+            else {}
+        )
         epoch_result = EpochResult(epoch, float(np.mean(losses)), metrics)
         result.epochs.append(epoch_result)
         report(
@@ -424,6 +490,43 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+def task_record(task: TaskSpec) -> dict[str, Any]:
+    """What a run stores about its task: enough to rebuild it, and to check class order."""
+    return {
+        "name": task.name,
+        "problem": task.problem.value,
+        "label_names": list(task.label_names) if task.label_names else None,
+        "text_columns": list(task.text_columns),
+        "label_column": task.label_column,
+        "id_column": task.id_column,
+    }
+
+
+def task_from_record(recorded: Mapping[str, Any], where: str) -> TaskSpec:
+    """The TaskSpec a cache manifest or run config recorded; GLUE tasks come from the registry.
+
+    A GLUE task whose recorded class order differs from the registry's is refused: output i of
+    the head would silently be given another label's name.
+    """
+    try:
+        task = get_task(recorded["name"])
+    except ConfigError:
+        return custom_task(
+            recorded["text_columns"],
+            recorded.get("label_column"),
+            tuple(recorded["label_names"]) if recorded.get("label_names") else None,
+            Problem(recorded["problem"]),
+        )
+    names = recorded.get("label_names")
+    if names is not None and tuple(names) != task.label_names:
+        raise CacheMismatchError(
+            f"{where} labels task {task.name} as {names}, this sherl-cache as "
+            f"{list(task.label_names or ())} (field task.label_names); use the sherl-cache "
+            "version that made it"
+        )
+    return task
+
+
 def task_of(cache: Cache, requested: str | None) -> TaskSpec:
     recorded = cache.manifest["task"]
     if requested is not None:
@@ -434,15 +537,7 @@ def task_of(cache: Cache, requested: str | None) -> TaskSpec:
                 f"(--task); make one with: sherl-cache extract --model "
                 f"{cache.manifest['model']['model_id']} --task {wanted.name}"
             )
-    try:
-        return get_task(recorded["name"])
-    except ConfigError:
-        return custom_task(
-            recorded["text_columns"],
-            None,
-            tuple(recorded["label_names"]) if recorded.get("label_names") else None,
-            Problem(recorded["problem"]),
-        )
+    return task_from_record(recorded, f"cache {cache.path}")
 
 
 def find_cache(cache_root: Path, task: str | None, model: str | None) -> str:
@@ -467,16 +562,29 @@ def find_cache(cache_root: Path, task: str | None, model: str | None) -> str:
         return max(complete, key=lambda c: c.manifest.get("completed", "")).path
     command = f"sherl-cache extract --model {model} --task {wanted} --cache-root {cache_root}"
     if matches:
-        raise CacheMismatchError(f"the cache for {wanted} and {model} is incomplete; finish it with: {command}")
-    raise CacheMismatchError(f"no cache for task {wanted} and model {model} in {cache_root}; make one with: {command}")
+        raise CacheMismatchError(
+            f"the cache for {wanted} and {model} is incomplete; finish it with: {command}"
+        )
+    raise CacheMismatchError(
+        f"no cache for task {wanted} and model {model} in {cache_root}; make one with: {command}"
+    )
 
 
-def late_weights_path(cache: Cache, override: str | None) -> str:
-    """The checkpoint the late layers come from, checked against the cache's weights hash."""
+def verified_weights(
+    recorded: Mapping[str, Any],
+    candidates: Sequence[str | None],
+    owner: str,
+    field_name: str,
+) -> str:
+    """The folder of the first candidate model that loads, refused unless its weights hash
+    equals the recorded one: late layers (and, for prediction, the lower ones) must be the
+    exact weights the features were computed with.
+
+    ``recorded`` is a manifest's ``model`` identity; ``owner`` names the cache or run in
+    messages, ``field_name`` the recorded field a mismatch is reported against.
+    """
     from .backbones import inspect_backbone
 
-    recorded = cache.manifest["model"]
-    candidates = [override] if override else [recorded["model_id"], cache.manifest.get("model_path")]
     last_error: Exception | None = None
     for candidate in filter(None, candidates):
         try:
@@ -486,21 +594,32 @@ def late_weights_path(cache: Cache, override: str | None) -> str:
             continue
         if info.weights_sha256 != recorded["weights_sha256"]:
             raise CacheMismatchError(
-                f"model {candidate!r} is not the one cache {cache.path} was made with "
-                f"(field model.weights_sha256: cache has {recorded['weights_sha256'][:12]}…, "
+                f"model {candidate!r} is not the one {owner} was made with "
+                f"(field {field_name}: recorded {recorded['weights_sha256'][:12]}…, "
                 f"model has {info.weights_sha256[:12]}…); pass --model with the original"
             )
         return str(resolve_model_dir(candidate, recorded.get("revision"))[0])
     raise CacheMismatchError(
-        f"cannot find the weights of {recorded['model_id']!r} that cache {cache.path} was made "
+        f"cannot find the weights of {recorded['model_id']!r} that {owner} was made "
         f"with ({last_error}); pass --model PATH"
     )
+
+
+def late_weights_path(cache: Cache, override: str | None) -> str:
+    """The checkpoint the late layers come from, checked against the cache's weights hash."""
+    recorded = cache.manifest["model"]
+    candidates = (
+        [override] if override else [recorded["model_id"], cache.manifest.get("model_path")]
+    )
+    return verified_weights(recorded, candidates, f"cache {cache.path}", "model.weights_sha256")
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise RunError(f"--out {out} already holds a run; choose another --out or pass --overwrite")
+            raise RunError(
+                f"--out {out} already holds a run; choose another --out or pass --overwrite"
+            )
         for name in ("metrics.json", "config.json", "trainable.safetensors"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -514,14 +633,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def train(config: TrainConfig, report: Callable[[str], None] = lambda _: None, progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig, report: Callable[[str], None] = lambda _: None, progress: bool = True
+) -> TrainResult:
     """Run stage two from a cache; writes config.json, trainable.safetensors, metrics.json."""
     meter = MemoryMeter()
     cache = open_cache(config.cache)
     task = task_of(cache, config.task)
     num_layers = cache.num_layers
     if config.late_layers > num_layers:
-        raise ConfigError(f"--late-layers must be between 1 and {num_layers}, got {config.late_layers}")
+        raise ConfigError(
+            f"--late-layers must be between 1 and {num_layers}, got {config.late_layers}"
+        )
     split = num_layers - config.late_layers
     taps = resolve_taps(config.tap, num_layers, config.late_layers, cache.layers)
     missing = sorted((set(taps) | {split}) - set(cache.layers))
@@ -535,9 +658,13 @@ def train(config: TrainConfig, report: Callable[[str], None] = lambda _: None, p
     for name in (config.train_split, config.eval_split):
         if name not in cache.splits:
             flag = "--train-split" if name == config.train_split else "--eval-split"
-            raise CacheMismatchError(f"cache {cache.path} has no split {name!r} ({flag}); it has {cache.splits}")
+            raise CacheMismatchError(
+                f"cache {cache.path} has no split {name!r} ({flag}); it has {cache.splits}"
+            )
     if not cache.labelled(config.train_split):
-        raise CacheMismatchError(f"split {config.train_split!r} of {cache.path} has no labels to train on")
+        raise CacheMismatchError(
+            f"split {config.train_split!r} of {cache.path} has no labels to train on"
+        )
     prepare_out(config.out, config.overwrite)
     device = resolve_device(config.device)
     model_path = late_weights_path(cache, config.model)
@@ -545,7 +672,11 @@ def train(config: TrainConfig, report: Callable[[str], None] = lambda _: None, p
     meter.start(device)
     model = build_model(config, cache, task, taps, model_path)
     train_source = CachedFeatures(cache, config.train_split, taps, split, config.max_train_examples)
-    eval_source = CachedFeatures(cache, config.eval_split, taps, split) if cache.labelled(config.eval_split) else None
+    eval_source = (
+        CachedFeatures(cache, config.eval_split, taps, split)
+        if cache.labelled(config.eval_split)
+        else None
+    )
     resolved = config.to_dict() | {
         "tap": list(taps),
         "split_index": split,
@@ -553,6 +684,13 @@ def train(config: TrainConfig, report: Callable[[str], None] = lambda _: None, p
         "cache_key": cache.manifest["key"],
         "model_id": cache.manifest["model"]["model_id"],
         "model_path": model_path,
+        # What prediction without the cache needs to compute the same features.
+        "backbone": cache.manifest["model"],
+        "tokenizer": cache.manifest["tokenizer"],
+        "max_length": cache.manifest["max_length"],
+        "truncation_side": cache.manifest["truncation_side"],
+        "dtype": cache.dtype,
+        "task_spec": task_record(task),
         "sherl_cache_version": __version__,
         "command": shlex.join(sys.argv) if sys.argv and "sherl-cache" in sys.argv[0] else None,
     }
@@ -561,12 +699,18 @@ def train(config: TrainConfig, report: Callable[[str], None] = lambda _: None, p
         f"training {task.name}: {len(train_source)} examples, taps {list(taps)}, "
         f"{config.late_layers} late layer(s) ({config.late_mode}), device {device}"
     )
-    fitted = fit(model, train_source, eval_source, task, config, device, progress=progress, report=report)
+    fitted = fit(
+        model, train_source, eval_source, task, config, device, progress=progress, report=report
+    )
     peak, measure = meter.peak()
 
-    save_file(fitted.best_state or trainable_state(model), str(config.out / "trainable.safetensors"))
+    save_file(
+        fitted.best_state or trainable_state(model), str(config.out / "trainable.safetensors")
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    added = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("late.") or "lora_" in n)
+    added = sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("late.") or "lora_" in n
+    )
     total = backbone_parameter_count(model_path) + added
     metrics = {
         "task": task.name,
@@ -583,7 +727,8 @@ def train(config: TrainConfig, report: Callable[[str], None] = lambda _: None, p
         "steps": len(fitted.step_seconds),
         "device": str(device),
     }
-    (config.out / "metrics.json").write_text(json.dumps(metrics, indent=2))  # written last: marks the run complete
+    # Written last: its presence marks the run complete.
+    (config.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(config.out, metrics)
 
 

@@ -385,7 +385,11 @@ class _StopForward(Exception):
 
 
 def run_lower_layers(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, num_layers: int
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    num_layers: int,
+    token_type_ids: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """``hidden_states[0..num_layers]`` of a ``load_backbone`` model, skipping the layers above.
 
@@ -397,9 +401,11 @@ def run_lower_layers(
     layers = family.layers(model)
     if not 0 <= num_layers <= len(layers):
         raise ConfigError(f"num_layers must be in 0..{len(layers)}, got {num_layers}")
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:  # BERT-style pairs embed their segment ids
+        inputs["token_type_ids"] = token_type_ids
     if num_layers == len(layers):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return tuple(out.hidden_states)
+        return tuple(model(**inputs, output_hidden_states=True).hidden_states)
 
     states: list[Tensor] = []
 
@@ -410,7 +416,7 @@ def run_lower_layers(
 
     handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        model(**inputs)
     except _StopForward:
         pass
     finally:

@@ -186,31 +186,6 @@ def _as_stored(states: Tensor, dtype: str) -> Tensor:
     return states.to(getattr(torch, dtype)).float()
 
 
-def _lower_states(
-    backbone: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    token_type_ids: Tensor | None,
-    num_layers: int,
-) -> tuple[Tensor, ...]:
-    """``hidden_states[0..num_layers]``, with the segment ids extraction passed for pairs.
-
-    ``run_lower_layers`` calls the model with ids and mask only; a pre-hook on the model adds
-    ``token_type_ids`` to that call, so BERT-style pair inputs embed as they did when cached.
-    """
-    if token_type_ids is None:
-        return run_lower_layers(backbone, input_ids, attention_mask, num_layers)
-
-    def add_types(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return args, {**kwargs, "token_type_ids": token_type_ids}
-
-    handle = backbone.register_forward_pre_hook(add_types, with_kwargs=True)
-    try:
-        return run_lower_layers(backbone, input_ids, attention_mask, num_layers)
-    finally:
-        handle.remove()
-
-
 class TextFeatures:
     """A ``FeatureSource`` over tokenised text: the frozen backbone runs up to the split."""
 
@@ -247,12 +222,12 @@ class TextFeatures:
                 types[row, :n] = torch.as_tensor(self.token_type_ids[i])
         mask = mask.to(device)
         with torch.no_grad():
-            states = _lower_states(
+            states = run_lower_layers(
                 self.backbone,
                 ids.to(device),
                 mask,
-                None if types is None else types.to(device),
                 self.last,
+                None if types is None else types.to(device),
             )
         keep = mask[..., None].float()
 

@@ -29,6 +29,7 @@ from . import __version__
 from .backbones import LateRoute, build_late_route, resolve_model_dir
 from .cache import Cache, from_storage, open_cache
 from .errors import CacheMismatchError, ConfigError, RunError
+from .extract import resolve_device
 from .fusion import FUSION_VARIANTS, FusionConfig, MTSAFusion
 from .layers import parse_layer_spec
 from .memory import MemoryMeter
@@ -623,14 +624,6 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         for name in ("metrics.json", "config.json", "trainable.safetensors"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(device)
 
 
 def train(

@@ -14,6 +14,11 @@ The token axis is cut into shards of ``shard_tokens``; a *unit* is one shard ind
 token-axis array of a split, written in one go, then flagged in ``units_done``. A unit is the
 smallest piece of work that is ever taken as finished, which is what makes resume and parallel
 extraction safe (Zarr loses data when two writers touch one shard).
+
+Crash safety rests on three rules (docs/reliability.md): every chunk is written even when it
+holds only the fill value, so a missing shard always means "not written" rather than "zeros";
+a store is born with a small ``creating`` marker as its attributes and gets its manifest only
+after every array exists; ``complete`` turns true only after every unit is flagged.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ CONTENT_FIELDS = (
     "task",
     "data",
 )
+
+
+# Attribute set on a store whose arrays are still being created; see ``creation_marker``.
+CREATING = "creating"
 
 
 def hidden_name(layer: int) -> str:
@@ -131,7 +140,20 @@ class Geometry:
         return start, min(start + self.shard_tokens, num_tokens)
 
 
-def _token_array(group, name, length, dtype, geometry: Geometry, extra_dims=(), dims=()):
+# Zarr skips chunks equal to the fill value by default, and a skipped chunk reads back as the
+# fill value: then a lost shard and an all-zero one look alike. Writing every chunk makes
+# "absent" mean "never written", which ``sherl-cache verify`` relies on.
+WRITE_ALL_CHUNKS = {"write_empty_chunks": True}
+
+
+def writable(array: zarr.Array) -> zarr.Array:
+    """The same array, set to store chunks that hold only the fill value (see above)."""
+    return array.with_config(WRITE_ALL_CHUNKS)
+
+
+def _token_array(
+    group, name, length, dtype, geometry: Geometry, extra_dims=(), dims=(), attrs=None
+):
     return group.create_array(
         name,
         shape=(max(length, 0), *extra_dims),
@@ -141,6 +163,18 @@ def _token_array(group, name, length, dtype, geometry: Geometry, extra_dims=(), 
         compressors=compressors(),
         fill_value=0,
         dimension_names=list(dims),
+        attributes=attrs,  # in the array's one metadata write, never a second one
+    )
+
+
+def _example_array(group, name: str, data: np.ndarray, dim: str) -> zarr.Array:
+    """Per-example arrays get the same crc32c as hidden states, and keep all-zero chunks."""
+    return group.create_array(
+        name,
+        data=data,
+        compressors=compressors(),
+        config=WRITE_ALL_CHUNKS,
+        dimension_names=[dim],
     )
 
 
@@ -159,16 +193,14 @@ def create_split(
     """Create every array of a split; per-example arrays are written here, token arrays later."""
     num_tokens = int(offsets[-1])
     group = root.create_group(split, overwrite=True)
-    group.create_array(
-        "offsets", data=offsets.astype(np.int64), dimension_names=["example_edge"]
-    )
+    _example_array(group, "offsets", offsets.astype(np.int64), "example_edge")
     if labels is not None:
-        group.create_array("labels", data=labels, dimension_names=["example"])
+        _example_array(group, "labels", labels, "example")
     _token_array(group, "input_ids", num_tokens, "int32", geometry, dims=["token"])
     if has_token_types:
         _token_array(group, "token_type_ids", num_tokens, "int8", geometry, dims=["token"])
     for layer in layers:
-        array = _token_array(
+        _token_array(
             group,
             hidden_name(layer),
             num_tokens,
@@ -176,17 +208,37 @@ def create_split(
             geometry,
             extra_dims=(hidden_size,),
             dims=["token", "hidden"],
+            attrs={"layer": layer, "dtype": dtype},
         )
-        array.attrs.update({"layer": layer, "dtype": dtype})
+    # One chunk per unit: flagging a unit is a single atomic file write. An absent chunk reads
+    # as 0, i.e. "not done", which is exactly right for a unit never flagged.
     group.create_array(
         "units_done",
         shape=(geometry.num_units(num_tokens),),
         chunks=(1,),
         dtype="uint8",
         fill_value=0,
+        compressors=compressors(),
         dimension_names=["unit"],
     )
     return group
+
+
+def creation_marker(key: str, command: str | None) -> dict[str, Any]:
+    """The attributes a store is born with, before any array exists.
+
+    A kill during creation leaves this marker instead of a manifest, so the store is refused
+    by ``open_cache`` and recognised by ``extract`` as its own unfinished creation (same
+    ``key``), which it then redoes; without it a torn store would look like a foreign one.
+    """
+    return {
+        "format": "sherl-cache",
+        "format_version": FORMAT_VERSION,
+        CREATING: True,
+        "complete": False,
+        "key": key,
+        "command": command,
+    }
 
 
 def open_store(path: str, mode: Literal["r", "r+", "a", "w", "w-"] = "r") -> zarr.Group:
@@ -236,6 +288,10 @@ class Cache:
         if split not in self.manifest["splits"]:
             raise CacheError(f"cache {self.path} has no split {split!r} (has {self.splits})")
         return self._group[split]
+
+    def split_group(self, split: str) -> zarr.Group:
+        """The Zarr group of one split, for tools that inspect the storage (verify)."""
+        return self._split(split)
 
     def num_examples(self, split: str) -> int:
         return len(self.offsets(split)) - 1
@@ -312,9 +368,14 @@ def open_cache(path: str, *, allow_incomplete: bool = False) -> Cache:
             f"cache {path} has format version {attrs.get('format_version')}; this sherl-cache "
             f"reads version {FORMAT_VERSION}: re-run the extract command"
         )
+    command = attrs.get("command") or "sherl-cache extract ... (the same arguments)"
+    if attrs.get(CREATING):  # even allow_incomplete cannot use it: its arrays may not exist
+        raise CacheIncompleteError(
+            f"cache {path} is incomplete: it was never fully created (extraction was interrupted "
+            f"while creating it); re-run: {command}"
+        )
     cache = Cache(str(path), group)
     if not cache.complete and not allow_incomplete:
-        command = attrs.get("command") or "sherl-cache extract ... (the same arguments)"
         raise CacheIncompleteError(
             f"cache {path} is incomplete (extraction was interrupted); finish it with: {command}"
         )

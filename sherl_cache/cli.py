@@ -85,6 +85,12 @@ def extract(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
     chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", hidden=True),
     shard_chunks: Optional[int] = typer.Option(None, "--shard-chunks", hidden=True),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Extract on a local dask cluster of N processes (one per GPU)."
+    ),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", help="Extract on an existing dask cluster (tcp://host:8786)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Stream a data set through the frozen backbone once and cache per-layer activations."""
@@ -112,7 +118,14 @@ def extract(
         chunk_tokens=chunk_tokens,
         shard_chunks=shard_chunks,
     )
-    result = run_extract(config, report=_err, progress=not quiet)
+    if workers is not None or scheduler is not None:
+        from .distributed import extract_distributed
+
+        result = extract_distributed(
+            config, workers=workers or 0, scheduler=scheduler, report=_err, progress=not quiet
+        )
+    else:
+        result = run_extract(config, report=_err, progress=not quiet)
     typer.echo(result.path)
 
 
@@ -194,6 +207,9 @@ def train(
     eval_split: str = typer.Option("validation", "--eval-split"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples"),
+    memory_budget_mb: int = typer.Option(
+        4096, "--memory-budget-mb", help="Host memory for cached states; larger splits stream."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
@@ -215,6 +231,7 @@ def train(
         pool=pool, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, epochs=epochs,
         batch_size=batch_size, seed=seed, train_split=train_split, eval_split=eval_split,
         device=device, max_train_examples=max_train_examples, model=model, overwrite=overwrite,
+        memory_budget_mb=memory_budget_mb,
     )
     metrics = run_train(config, report=_err, progress=not quiet).metrics
     best = metrics["best"]
@@ -228,6 +245,249 @@ def train(
         f"({metrics['memory_measure']}), {1000 * metrics['step_seconds_median']:.1f} ms/step"
     )
     typer.echo(str(out))
+
+
+@app.command()
+@reports_errors
+def sweep(
+    out: Path = typer.Option(..., "--out", help="Sweep folder (trials/<id>/, results.parquet)."),
+    grid: list[str] = typer.Option(
+        [], "--grid", help="Swept train option key=v1,v2 (repeatable; ';' splits comma values)."
+    ),
+    range_: list[str] = typer.Option(
+        [], "--range", help="Option sampled by --random: key=low:high[:log] (repeatable)."
+    ),
+    random: int | None = typer.Option(
+        None, "--random", help="Sample N points from --range/--grid instead of the full grid."
+    ),
+    random_seed: int = typer.Option(0, "--random-seed", help="Seed of the --random sampling."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Fixed train option for every trial: key=value (repeatable)."
+    ),
+    task: str | None = typer.Option(None, "--task", help="Task the cache was made for (checked)."),
+    cache: str | None = typer.Option(None, "--cache", help="Cache path; default: find one."),
+    model: str | None = typer.Option(None, "--model", help="Backbone (finds its cache)."),
+    cache_root: Path = typer.Option(Path("cache"), "--cache-root", help="Where caches are."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs of every trial."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of every trial."),
+    max_train_examples: int | None = typer.Option(None, "--max-train-examples"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    workers: int = typer.Option(
+        0, "--workers", help="Trials on a local dask cluster of N processes (0: one by one here)."
+    ),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", help="Address of an existing dask scheduler (tcp://host:8786)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the sweep in --out: keep complete trials, rerun the rest."
+    ),
+) -> None:
+    """Train many trials from one cache (grid or random search); print the ranked results."""
+    import dataclasses
+
+    from .sweep import SweepConfig, format_summary, parse_fixed, parse_grid, parse_range, run_sweep
+    from .training import find_cache
+
+    fixed = parse_fixed(set_)
+    flags = {"epochs": epochs, "batch_size": batch_size, "device": device, "model": model}
+    fixed |= {k: v for k, v in flags.items() if v is not None}
+    if max_train_examples is not None:
+        fixed["max_train_examples"] = max_train_examples
+    config = SweepConfig(
+        cache=cache or "",
+        out=out,
+        grid=parse_grid(grid),
+        ranges=tuple(parse_range(r) for r in range_),
+        random=random,
+        random_seed=random_seed,
+        fixed=fixed,
+        task=task,
+        workers=workers,
+        scheduler=scheduler,
+        resume=resume,
+    )  # validated before looking for a cache: a bad --grid fails first
+    if cache is None:
+        found = find_cache(cache_root, task=task, model=model)
+        config = dataclasses.replace(config, cache=found)
+    result = run_sweep(config, report=_err)
+    _err(f"{result.ran} trial(s) run, {result.skipped} already complete; table {result.table}")
+    typer.echo(format_summary(result.rows, result.swept, result.main_metric))
+    typer.echo(str(out))
+
+
+@app.command()
+@reports_errors
+def report(
+    sweep_dir: Path = typer.Argument(..., help="Sweep folder (finished or still running)."),
+    out: Path | None = typer.Option(None, "--out", help="Where PNGs go (default <sweep>/report)."),
+    top: int = typer.Option(5, "--top", help="Learning curves of this many best trials."),
+) -> None:
+    """Plot a sweep (metric per swept value, learning curves, memory vs metric); print its table."""
+    from .report import write_report
+
+    result = write_report(sweep_dir, out=out, top=top)
+    for path in result.plots:
+        _err(f"wrote {path}")
+    typer.echo(result.table)
+    typer.echo(str(result.folder))
+
+
+@app.command()
+@reports_errors
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline TOML file (see pipelines/)."),
+    task: str | None = typer.Option(None, "--task", help="Only this task of a multi-task file."),
+    resume: bool = typer.Option(False, "--resume", help="Continue sweeps: keep complete trials."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Override the file: local dask cluster of N processes."
+    ),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", help="Override the file: an existing dask scheduler."
+    ),
+    check: bool = typer.Option(False, "--check", help="Only validate the file; print the plan."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run a pipeline file: extract the cache (only if missing), then run its sweep."""
+    from .pipeline import load_pipeline, run_pipeline
+    from .sweep import format_summary
+
+    plan = load_pipeline(pipeline)  # the whole file is checked before anything runs
+    if check:
+        for job in plan.jobs:
+            trials = len(job.sweep.trials())
+            _err(f"{job.task or 'custom'}: {job.model}, {trials} trial(s) -> {job.sweep.out}")
+        typer.echo(str(pipeline))
+        return
+    results = run_pipeline(
+        plan,
+        resume=resume,
+        workers=workers,
+        scheduler=scheduler,
+        only=task,
+        report=_err,
+        progress=not quiet,
+    )
+    for result in results:
+        typer.echo(f"== {result.out}")
+        typer.echo(format_summary(result.rows, result.swept, result.main_metric))
+    for result in results:
+        typer.echo(str(result.out))
+
+
+@app.command()
+@reports_errors
+def verify(
+    path: str = typer.Argument(..., help="Cache path."),
+    recompute: int = typer.Option(
+        0, "--recompute", help="Also re-run N random examples through the backbone and compare."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for picking the --recompute examples."),
+    model: str | None = typer.Option(
+        None, "--model", help="Backbone for --recompute (default: the manifest's)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="--recompute device: auto | cpu | cuda."),
+) -> None:
+    """Read every chunk back; exit 1 listing corrupt or missing data by split, layer, example."""
+    from .verify import verify_cache
+
+    if recompute < 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--recompute must be 0 or more, got {recompute}")
+    report = verify_cache(path, recompute=recompute, seed=seed, model=model, device=device)
+    typer.echo("\n".join(report.lines()))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@reports_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="Run folder written by sherl-cache train."),
+    input_file: Path = typer.Option(
+        ..., "--input", help="Examples: .csv, .tsv, .jsonl or .parquet with the task's text."
+    ),
+    output: Path = typer.Option(..., "--output", help="Predictions: .jsonl or .csv."),
+    text_columns: str | None = typer.Option(
+        None, "--text-columns", help="Text column(s) of --input (default: the task's)."
+    ),
+    id_column: str | None = typer.Option(
+        None, "--id-column", help="Id column of --input (default: the task's, id or idx; else row)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Backbone (default: the run's; must have the same weights)."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Examples per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Predict labels and class scores for new examples with a trained run (no cache needed)."""
+    from .predict import check_output_format, load_input, load_run, write_predictions
+
+    check_output_format(output)  # before any model is loaded
+    run = load_run(run_dir, model=model, device=device)
+    data = load_input(
+        input_file, run.task, text_columns=_split_list(text_columns), id_column=id_column
+    )
+    predictions = run.predict_split(data, batch_size=batch_size, progress=not quiet)
+    write_predictions(predictions, output)
+    _err(f"predicted {len(predictions)} example(s) of {input_file} with {run_dir}")
+    typer.echo(str(output))
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="Run folder written by sherl-cache train."),
+    split: str = typer.Option("validation", "--split", help="Split to score (test: GLUE file)."),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="GLUE folder holding the task's split files."
+    ),
+    input_file: Path | None = typer.Option(
+        None, "--input", help="Labelled examples: .csv, .tsv, .jsonl or .parquet."
+    ),
+    cache: str | None = typer.Option(
+        None, "--cache", help="Score from this cache (must match; default: the run's if it does)."
+    ),
+    text_columns: str | None = typer.Option(
+        None, "--text-columns", help="Text column(s) of --input (default: the task's)."
+    ),
+    label_column: str | None = typer.Option(
+        None, "--label-column", help="Label column of --input (default: the task's or label)."
+    ),
+    id_column: str | None = typer.Option(None, "--id-column", help="Id column of --input."),
+    output: Path | None = typer.Option(
+        None, "--output", help="Result file (default <run>/eval-<split>.json or <run>/<TASK>.tsv)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Backbone (default: the run's; must have the same weights)."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Examples per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Score a split with the task's metrics, from a matching cache or computed on the fly."""
+    from .predict import evaluate_run, load_run
+
+    run = load_run(run_dir, model=model, device=device)
+    result = evaluate_run(
+        run,
+        split,
+        data_dir=data_dir,
+        input_file=input_file,
+        cache=cache,
+        text_columns=_split_list(text_columns),
+        label_column=label_column,
+        id_column=id_column,
+        output=output,
+        batch_size=batch_size,
+        progress=not quiet,
+        report=_err,
+    )
+    _err(f"{result.examples} example(s) of {split}, {result.source}; wrote {result.written}")
+    if result.metrics:
+        typer.echo(", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items()))
+    typer.echo(str(result.written))
 
 
 def _human(n: float) -> str:

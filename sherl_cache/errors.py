@@ -45,3 +45,7 @@ class NumericOverflowError(SherlCacheError):
 
 class RunError(SherlCacheError):
     """A run folder is missing, incomplete or would be overwritten."""
+
+
+class MissingDependencyError(SherlCacheError):
+    """An optional extra (e.g. ``plots``) is needed but not installed; the message says which."""

@@ -4,15 +4,22 @@ Work is cut into *units* (one shard index of a split, see ``cache.py``). The mai
 the forward pass over length-sorted batches of a unit; a writer thread compresses and writes
 finished units while the next one is computed, then flags each unit as done. A rerun with the
 same arguments skips flagged units, so an interrupted extraction resumes where it stopped.
+
+What a kill at any moment leaves behind, and why a rerun repairs it (docs/reliability.md):
+LocalStore writes every file atomically (temp file + rename), so a shard is either absent or
+whole; a unit's flag is written after all its shards; a new store carries a ``creating`` marker
+until its manifest is written; and ``complete`` is set last.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import queue
 import re
 import shlex
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +33,7 @@ import torch
 from . import __version__
 from .backbones import BackboneInfo, inspect_backbone, load_backbone, load_tokenizer
 from .cache import (
+    CREATING,
     FLOAT16_MAX,
     FORMAT_VERSION,
     STORAGE_DTYPES,
@@ -34,17 +42,35 @@ from .cache import (
     StorageDtype,
     cache_key,
     create_split,
+    creation_marker,
     hidden_name,
     open_cache,
     open_store,
+    writable,
 )
 from .data import Dataset, SplitData, load_files, load_glue
-from .errors import CacheError, CacheLockedError, CacheMismatchError, ConfigError, NumericOverflowError
+from .errors import (
+    CacheError,
+    CacheLockedError,
+    CacheMismatchError,
+    ConfigError,
+    NumericOverflowError,
+)
 from .layers import parse_layer_spec
 from .tasks import get_task
 
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES = ("auto", "cpu", "cuda")
+
+# Test hooks for the crash tests (tests/test_reliability.py); unset in normal use.
+KILL_AT_ENV = "SHERL_CACHE_TEST_KILL_AT"  # SIGKILL this process at the named point
+UNIT_DELAY_ENV = "SHERL_CACHE_TEST_UNIT_DELAY"  # seconds to sleep before writing each unit
+
+
+def fault_point(name: str) -> None:
+    """Die here, hard, if a crash test asked for it: aims a real SIGKILL at an exact moment."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -87,7 +113,10 @@ class ExtractConfig:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
-        for flag, value in (("--chunk-tokens", self.chunk_tokens), ("--shard-chunks", self.shard_chunks)):
+        for flag, value in (
+            ("--chunk-tokens", self.chunk_tokens),
+            ("--shard-chunks", self.shard_chunks),
+        ):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be positive, got {value}")
 
@@ -126,7 +155,9 @@ def load_dataset(config: ExtractConfig) -> Dataset:
     if config.splits:
         missing = [s for s in config.splits if s not in dataset.splits]
         if missing:
-            raise ConfigError(f"split(s) {missing} not in the data (--splits): have {list(dataset.splits)}")
+            raise ConfigError(
+                f"split(s) {missing} not in the data (--splits): have {list(dataset.splits)}"
+            )
         dataset.splits = {s: dataset.splits[s] for s in config.splits}
     return dataset
 
@@ -229,7 +260,11 @@ def build_manifest(
         }
         for name, tok in tokenized.items()
     }
-    manifest["geometry"] = {"chunk_tokens": geometry.chunk_tokens, "shard_tokens": geometry.shard_tokens}
+    manifest["geometry"] = {
+        "chunk_tokens": geometry.chunk_tokens,
+        "shard_tokens": geometry.shard_tokens,
+        "empty_chunks_written": True,  # absent chunk = lost chunk (verify relies on it)
+    }
     manifest["sherl_cache_version"] = __version__
     manifest["key"] = cache_key(manifest)
     return manifest
@@ -241,7 +276,9 @@ def default_cache_name(manifest: Mapping[str, Any]) -> str:
     return f"{slug}-{manifest['dtype']}-{manifest['key'][:12]}"
 
 
-def first_difference(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
+def first_difference(
+    expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = ""
+) -> tuple[str, Any, Any] | None:
     """The first differing (field path, expected, found), for one-line mismatch errors."""
     for name in sorted(set(expected) | set(found)):
         a, b = expected.get(name), found.get(name)
@@ -301,6 +338,13 @@ def reproduce_command(config: ExtractConfig) -> str:
     parts += ["--layers", config.layers, "--max-length", str(config.max_length)]
     if config.dtype:
         parts += ["--dtype", config.dtype]
+    if config.revision:
+        parts += ["--revision", config.revision]
+    # Batch composition and device change the last bits of the states: a resume that should
+    # match the interrupted run bit for bit needs the same ones.
+    parts += ["--batch-size", str(config.batch_size)]
+    if config.device != "auto":
+        parts += ["--device", config.device]
     if config.splits:
         parts += ["--splits", ",".join(config.splits)]
     if config.cache:
@@ -332,6 +376,7 @@ class UnitWriter:
         self._layers = layers
         self._queue: queue.Queue[Unit | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._open: dict[str, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._run, name="sherl-cache-writer", daemon=True)
         self._thread.start()
 
@@ -344,14 +389,29 @@ class UnitWriter:
                     self._error = exc
 
     def _write(self, unit: Unit) -> None:
-        group = self._root[unit.split]
+        delay = float(os.environ.get(UNIT_DELAY_ENV) or 0)
+        if delay:
+            time.sleep(delay)
+        arrays = self._arrays(unit.split)
         span = slice(unit.start, unit.stop)
-        group["input_ids"][span] = unit.input_ids
+        # A unit spans whole shards, so each assignment is one atomic shard-file write.
+        arrays["input_ids"][span] = unit.input_ids
         if unit.token_type_ids is not None:
-            group["token_type_ids"][span] = unit.token_type_ids
+            arrays["token_type_ids"][span] = unit.token_type_ids
         for position, layer in enumerate(self._layers):
-            group[hidden_name(layer)][span] = unit.hidden[position]
-        group["units_done"][unit.index] = 1  # only after every shard of the unit is stored
+            arrays[hidden_name(layer)][span] = unit.hidden[position]
+            if position == 0:
+                fault_point(f"unit-partly-written:{unit.split}:{unit.index}")
+        fault_point(f"unit-written:{unit.split}:{unit.index}")
+        arrays["units_done"][unit.index] = 1  # only after every shard of the unit is stored
+        fault_point(f"unit-done:{unit.split}:{unit.index}")
+
+    def _arrays(self, split: str) -> dict[str, Any]:
+        """A split's arrays, opened once: each open re-reads metadata (a request on S3)."""
+        if split not in self._open:
+            group = self._root[split]
+            self._open[split] = {name: writable(array) for name, array in group.arrays()}
+        return self._open[split]
 
     def _check(self) -> None:
         if self._error is not None:
@@ -362,10 +422,12 @@ class UnitWriter:
         self._check()
         self._queue.put(unit)
 
-    def close(self) -> None:
+    def close(self, check: bool = True) -> None:
+        """Finish the queued units; ``check=False`` when another error is already on its way."""
         self._queue.put(None)
         self._thread.join()
-        self._check()
+        if check:
+            self._check()
 
 
 def _write_error(error: BaseException) -> BaseException:
@@ -454,62 +516,133 @@ def _check_float16(stacked: torch.Tensor, mask: torch.Tensor, layers, batch, spl
         )
 
 
-def extract(config: ExtractConfig, report: Callable[[str], None] = lambda _: None, progress: bool = True) -> ExtractResult:
+def extract(
+    config: ExtractConfig, report: Callable[[str], None] = lambda _: None, progress: bool = True
+) -> ExtractResult:
     """Run stage one; returns where the cache is and what was written."""
     began = time.perf_counter()
     dataset = load_dataset(config)
     info = inspect_backbone(config.model, config.revision)
-    layers = tuple(sorted(set(parse_layer_spec(config.layers, info.num_layers)) | {info.num_layers - 1}))
+    layers = tuple(
+        sorted(set(parse_layer_spec(config.layers, info.num_layers)) | {info.num_layers - 1})
+    )
     dtype = config.dtype or ("bfloat16" if info.family == "t5" else "float16")
     tokenizer = load_tokenizer(info.path, trust_remote_code=config.trust_remote_code)
-    tokenized = {name: tokenize_split(tokenizer, split, config.max_length) for name, split in dataset.splits.items()}
-    geometry = Geometry.choose(info.hidden_size, len(layers), dtype, config.chunk_tokens, config.shard_chunks)
+    tokenized = {
+        name: tokenize_split(tokenizer, split, config.max_length)
+        for name, split in dataset.splits.items()
+    }
+    geometry = Geometry.choose(
+        info.hidden_size, len(layers), dtype, config.chunk_tokens, config.shard_chunks
+    )
     manifest = build_manifest(
-        config, info, tokenizer_identity(tokenizer, Path(info.path)), dataset, tokenized, layers, dtype, geometry
+        config,
+        info,
+        tokenizer_identity(tokenizer, Path(info.path)),
+        dataset,
+        tokenized,
+        layers,
+        dtype,
+        geometry,
     )
     manifest["command"] = reproduce_command(config)
     path = config.cache or str(Path(config.cache_root) / default_cache_name(manifest))
 
     with cache_lock(path):
         existing = _existing_cache(path, manifest)
-        if existing is not None and existing.complete:
+        if isinstance(existing, Cache) and existing.complete:
             report(f"cache {path} is already complete for these inputs; nothing to do")
             return ExtractResult(path, resumed=False, already_complete=True, **_totals(existing))
-        resumed = existing is not None
+        if isinstance(existing, Cache) and not _has_all_arrays(existing, tokenized, layers):
+            existing = _TORN  # manifest before arrays (caches of older versions): redo
+        resumed = isinstance(existing, Cache)
         if resumed:
+            # Shards were cut by the first run's geometry; a rerun with other chunk options
+            # must keep it, or its units would straddle shards that already exist.
+            stored = existing.manifest["geometry"]
+            geometry = Geometry(int(stored["chunk_tokens"]), int(stored["shard_tokens"]))
+            _remove_partial_files(path)
             root = open_store(path, mode="r+")
             report(f"resuming incomplete cache {path}")
         else:
-            root = _create_store(path, manifest, tokenized, layers, info.hidden_size, dtype, geometry)
+            if existing == _TORN:
+                report(f"re-creating {path}: its creation was interrupted")
+            try:
+                root = _create_store(
+                    path,
+                    manifest,
+                    tokenized,
+                    layers,
+                    info.hidden_size,
+                    dtype,
+                    geometry,
+                    torn=existing == _TORN,
+                )
+            except OSError as exc:
+                raise _write_error(exc) from exc
 
         device = resolve_device(config.device)
-        compute_dtype = torch.float32 if device.type == "cpu" or dtype == "float32" else getattr(torch, dtype)
-        model, _, _ = load_backbone(
-            config.model, revision=config.revision, dtype=compute_dtype, device=str(device),
-            trust_remote_code=config.trust_remote_code,
+        compute_dtype = (
+            torch.float32 if device.type == "cpu" or dtype == "float32" else getattr(torch, dtype)
         )
+        with _transformers_bars(progress):
+            model, _, _ = load_backbone(
+                config.model,
+                revision=config.revision,
+                dtype=compute_dtype,
+                device=str(device),
+                trust_remote_code=config.trust_remote_code,
+            )
         accepts_types = "token_type_ids" in _forward_parameters(model)
+
         def forward_kwargs(inputs: dict) -> dict:
-            return inputs if accepts_types else {k: v for k, v in inputs.items() if k != "token_type_ids"}
+            return (
+                inputs
+                if accepts_types
+                else {k: v for k, v in inputs.items() if k != "token_type_ids"}
+            )
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         writer = UnitWriter(root, layers)
         try:
             for name, tokens in tokenized.items():
                 offsets = tokens.offsets
+                num_tokens = int(offsets[-1])
                 done = root[name]["units_done"][:]
                 todo = [u for u in range(len(done)) if not done[u]]
-                remaining = sum(geometry.unit_range(u, int(offsets[-1]))[1] - geometry.unit_range(u, int(offsets[-1]))[0] for u in todo)
-                bar = _progress_bar(name, remaining, progress)
+                ranges = {u: geometry.unit_range(u, num_tokens) for u in todo}
+                bar = _progress_bar(name, sum(b - a for a, b in ranges.values()), progress)
                 for unit in todo:
-                    start, stop = geometry.unit_range(unit, int(offsets[-1]))
-                    writer.put(run_unit(model, tokens, offsets, unit, start, stop, layers, dtype, config.batch_size, device, pad_id, forward_kwargs, bar.update))
+                    start, stop = ranges[unit]
+                    writer.put(
+                        run_unit(
+                            model,
+                            tokens,
+                            offsets,
+                            unit,
+                            start,
+                            stop,
+                            layers,
+                            dtype,
+                            config.batch_size,
+                            device,
+                            pad_id,
+                            forward_kwargs,
+                            bar.update,
+                        )
+                    )
                 bar.close()
-        finally:
-            writer.close()
+        except BaseException:
+            writer.close(check=False)  # keep the finished units; report the first error
+            raise
+        writer.close()
 
+        fault_point("before-finalize")
         cache = open_cache(path, allow_incomplete=True)
-        stats = _finalize(root, cache)
+        try:
+            stats = _finalize(root, cache)
+        except OSError as exc:
+            raise _write_error(exc) from exc
         result = ExtractResult(path, resumed=resumed, already_complete=False, **stats)
         result.seconds = time.perf_counter() - began
         report(
@@ -517,6 +650,22 @@ def extract(config: ExtractConfig, report: Callable[[str], None] = lambda _: Non
             f"({result.compression_ratio:.2f}x compression of {result.bytes_raw:,} bytes)"
         )
         return result
+
+
+@contextlib.contextmanager
+def _transformers_bars(enabled: bool) -> Iterator[None]:
+    """``--quiet`` also silences transformers' own "Loading weights" bar, so a failing quiet
+    run's stderr is just its one error line."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _forward_parameters(model) -> set[str]:
@@ -528,46 +677,140 @@ def _forward_parameters(model) -> set[str]:
 def _progress_bar(split: str, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"extract {split}", unit="tok", unit_scale=True, disable=not enabled, leave=True)
+    return tqdm(
+        total=total,
+        desc=f"extract {split}",
+        unit="tok",
+        unit_scale=True,
+        disable=not enabled,
+        leave=True,
+    )
 
 
-def _existing_cache(path: str, manifest: Mapping[str, Any]) -> Cache | None:
+_TORN = "torn"  # _existing_cache: our own store whose creation was interrupted
+
+
+def _existing_cache(path: str, manifest: Mapping[str, Any]) -> Cache | str | None:
+    """What is at ``path``: a cache of these inputs, ``_TORN``, or None (nothing yet).
+
+    Anything else (another cache, a foreign store) is refused rather than overwritten.
+    """
     try:
         existing = open_cache(path, allow_incomplete=True)
     except CacheError as exc:
+        attrs = _root_attrs(path)
+        if attrs.get(CREATING) and attrs.get("key") == manifest["key"]:
+            return _TORN
+        if attrs.get(CREATING):
+            raise CacheMismatchError(
+                f"{path} holds an unfinished creation of a cache of other inputs; remove it or "
+                "choose another --cache"
+            ) from None
         if _store_exists(path):
-            raise CacheMismatchError(f"{path} exists but is not a usable cache ({exc}); choose another --cache") from None
+            raise CacheMismatchError(
+                f"{path} exists but is not a usable cache ({exc}); choose another --cache"
+            ) from None
         return None
     if existing.manifest.get("key") != manifest["key"]:
         diff = first_difference(
-            {k: manifest.get(k) for k in ("model", "tokenizer", "layers", "dtype", "max_length", "task", "data")},
-            {k: existing.manifest.get(k) for k in ("model", "tokenizer", "layers", "dtype", "max_length", "task", "data")},
+            {
+                k: manifest.get(k)
+                for k in ("model", "tokenizer", "layers", "dtype", "max_length", "task", "data")
+            },
+            {
+                k: existing.manifest.get(k)
+                for k in ("model", "tokenizer", "layers", "dtype", "max_length", "task", "data")
+            },
         )
-        where = f"field {diff[0]}: cache has {diff[2]!r}, this run needs {diff[1]!r}" if diff else "other inputs"
+        where = (
+            f"field {diff[0]}: cache has {diff[2]!r}, this run needs {diff[1]!r}"
+            if diff
+            else "other inputs"
+        )
         raise CacheMismatchError(
             f"{path} holds a cache of other inputs ({where}); choose another --cache or remove it"
         )
     return existing
 
 
+def _has_all_arrays(cache: Cache, tokenized: Mapping[str, TokenizedSplit], layers) -> bool:
+    """Whether every array a resume writes to exists; no unit is written before they all do."""
+    for name, tokens in tokenized.items():
+        try:
+            present = set(cache.split_group(name).array_keys())
+        except (KeyError, CacheError):
+            return False
+        needed = {"offsets", "input_ids", "units_done", *map(hidden_name, layers)}
+        needed |= {"labels"} if tokens.labels is not None else set()
+        needed |= {"token_type_ids"} if tokens.token_type_ids is not None else set()
+        if not needed <= present:
+            return False
+    return True
+
+
+def _root_attrs(path: str) -> dict[str, Any]:
+    try:
+        return dict(open_store(path, mode="r").attrs)
+    except CacheError:
+        return {}
+
+
 def _store_exists(path: str) -> bool:
+    """A non-empty folder; temp files of an interrupted first write do not count."""
     if "://" in path:
         return False
-    return Path(path).exists() and any(Path(path).iterdir())
+    folder = Path(path)
+    return folder.exists() and any(not p.name.endswith(".partial") for p in folder.iterdir())
 
 
-def _create_store(path, manifest, tokenized, layers, hidden_size, dtype, geometry):
-    root = open_store(path, mode="w")
-    attrs = dict(manifest, complete=False, created=dt.datetime.now(dt.timezone.utc).isoformat())
-    root.attrs.update(attrs)
+def _remove_partial_files(path: str) -> None:
+    """Delete temp files of writes a kill interrupted (LocalStore's ``*.partial``); harmless
+    to readers, but they would otherwise pile up over many interrupted runs."""
+    if "://" in path:
+        return
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                Path(folder, name).unlink(missing_ok=True)
+
+
+def _create_store(path, manifest, tokenized, layers, hidden_size, dtype, geometry, torn=False):
+    """Create every array, then write the manifest: a kill in between leaves only the marker.
+
+    A torn store is redone in place (its marker stays) instead of deleted and recreated, so
+    no moment exists at which the folder holds arrays but no marker.
+    """
+    if torn:
+        _remove_partial_files(path)
+        root = open_store(path, mode="r+")
+    else:
+        _remove_partial_files(path)
+        root = _new_store(path, creation_marker(manifest["key"], manifest.get("command")))
+    fault_point("store-created")
     for name, tokens in tokenized.items():
-        labels = tokens.labels
         create_split(
-            root, name, offsets=tokens.offsets, labels=labels, layers=layers,
-            hidden_size=hidden_size, dtype=dtype, geometry=geometry,
+            root,
+            name,
+            offsets=tokens.offsets,
+            labels=tokens.labels,
+            layers=layers,
+            hidden_size=hidden_size,
+            dtype=dtype,
+            geometry=geometry,
             has_token_types=tokens.token_type_ids is not None,
         )
+        fault_point(f"split-created:{name}")
+    created = dt.datetime.now(dt.timezone.utc).isoformat()
+    root.attrs.put(dict(manifest, complete=False, created=created))  # replaces the marker
+    fault_point("manifest-written")
     return root
+
+
+def _new_store(path: str, attrs: dict[str, Any]):
+    import zarr
+
+    # One write creates the root group with its marker: there is no marker-less moment.
+    return zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
 
 
 def _totals(cache: Cache) -> dict[str, Any]:
@@ -609,6 +852,10 @@ def _finalize(root, cache: Cache) -> dict[str, Any]:
             raise CacheError(f"split {split} of {cache.path} still has unwritten units")
     stats = storage_stats(cache)
     root.attrs.update(
-        {"stats": stats, "complete": True, "completed": dt.datetime.now(dt.timezone.utc).isoformat()}
+        {
+            "stats": stats,
+            "complete": True,
+            "completed": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
     )
     return stats

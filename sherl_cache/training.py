@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .backbones import LateRoute, build_late_route, resolve_model_dir
-from .cache import Cache, from_storage, open_cache
+from .cache import STORAGE_DTYPES, Cache, from_storage, open_cache
 from .errors import CacheMismatchError, ConfigError, RunError
 from .extract import resolve_device
 from .fusion import FUSION_VARIANTS, FusionConfig, MTSAFusion
@@ -48,6 +48,9 @@ LORA_TARGETS = {
     "roberta": ["query", "key", "value", "dense"],
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
 }
+
+
+DEFAULT_MEMORY_BUDGET = 4 << 30  # host bytes of cached states one split may hold at once
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class TrainConfig:
     eval_split: str = "validation"
     device: str = "auto"
     max_train_examples: int | None = None
+    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET >> 20  # host memory for cached states per split
     model: str | None = None  # where the late layers' weights are read; default: the cache's
     overwrite: bool = False
 
@@ -118,6 +122,7 @@ class TrainConfig:
                 self.max_train_examples is None or self.max_train_examples >= 1,
                 "--max-train-examples must be positive",
             ),
+            (self.memory_budget_mb >= 1, "--memory-budget-mb must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -179,25 +184,57 @@ class FeatureSource(Protocol):
 
 
 class CachedFeatures:
-    """Reads the needed layers of one split into memory once, then gathers padded batches."""
+    """Padded batches of one split's cached states, read within a host-memory budget.
+
+    A split that fits the budget is read once and kept. A larger one is cut into *windows* of
+    consecutive examples that each fit; an epoch visits the windows in random order and the
+    examples of each window in random order (a block shuffle), so only one window is held at a
+    time and reads stay sequential. Host memory thus stays bounded whatever the data size.
+    """
 
     def __init__(
-        self, cache: Cache, split: str, taps: Sequence[int], last: int, limit: int | None = None
+        self,
+        cache: Cache,
+        split: str,
+        taps: Sequence[int],
+        last: int,
+        limit: int | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         self.taps, self.last = list(taps), last
         self.dtype = cache.dtype
         offsets = cache.offsets(split)
         count = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
         self.offsets = offsets[: count + 1]
-        stop = int(self.offsets[-1])
-        self.arrays = {
-            layer: cache.layer_array(split, layer)[:stop]
-            for layer in sorted(set(self.taps) | {last})
-        }
         self.labels = cache.labels(split)[:count] if cache.labelled(split) else None
+        self._arrays = {layer: cache.layer_array(split, layer) for layer in {*self.taps, last}}
+        row_bytes = len(self._arrays) * cache.hidden_size * STORAGE_DTYPES[self.dtype].itemsize
+        self.windows = _windows(self.offsets, max(1, memory_budget // row_bytes))
+        self._window: int | None = None
+        self._held: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def order(self, generator: torch.Generator) -> np.ndarray:
+        """The epoch's example order: a plain permutation when one window holds the split."""
+        if len(self.windows) == 1:
+            return torch.randperm(len(self), generator=generator).numpy()
+        visits = torch.randperm(len(self.windows), generator=generator).tolist()
+        return np.concatenate(
+            [
+                first + torch.randperm(end - first, generator=generator).numpy()
+                for first, end in (self.windows[w] for w in visits)
+            ]
+        )
+
+    def _hold(self, window: int) -> None:
+        if window != self._window:
+            self._held = {}  # drop the previous window before reading the next
+            first, end = self.windows[window]
+            span = slice(int(self.offsets[first]), int(self.offsets[end]))
+            self._held = {layer: array[span] for layer, array in self._arrays.items()}
+            self._window = window
 
     def batch(self, indices: np.ndarray, device: torch.device) -> Batch:
         starts = self.offsets[indices]
@@ -205,13 +242,19 @@ class CachedFeatures:
         width = int(lengths.max())
         positions = np.arange(width)[None, :]
         mask = positions < lengths[:, None]
-        gather = np.where(mask, starts[:, None] + positions, starts[:, None])
+        window_of = np.searchsorted([first for first, _ in self.windows], indices, "right") - 1
+        self._hold(int(window_of[0]))
+        inside = window_of == self._window
+        base = int(self.offsets[self.windows[self._window][0]])
+        gather = np.where(mask, starts[:, None] - base + positions, starts[:, None] - base)
+        keep = torch.from_numpy(mask[..., None]).to(device)
 
         def states(layer: int) -> Tensor:
-            values = from_storage(self.arrays[layer][gather], self.dtype)
-            return torch.from_numpy(values).to(device) * torch.from_numpy(mask[..., None]).to(
-                device
-            )
+            rows = self._held[layer][np.where(inside[:, None], gather, 0)]
+            for row in np.flatnonzero(~inside):  # a batch crossing a window edge: read directly
+                start, n = int(starts[row]), int(lengths[row])
+                rows[row, :n] = self._arrays[layer][start : start + n]
+            return torch.from_numpy(from_storage(rows, self.dtype)).to(device) * keep
 
         return Batch(
             taps=[states(layer) for layer in self.taps],
@@ -221,6 +264,18 @@ class CachedFeatures:
             if self.labels is None
             else torch.from_numpy(self.labels[indices]).to(device),
         )
+
+
+def _windows(offsets: np.ndarray, max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive example ranges of at most ``max_tokens`` tokens (at least one example)."""
+    windows, first = [], 0
+    count = len(offsets) - 1
+    while first < count:
+        end = int(np.searchsorted(offsets, offsets[first] + max_tokens, "right")) - 1
+        end = min(max(end, first + 1), count)
+        windows.append((first, end))
+        first = end
+    return windows or [(0, 0)]
 
 
 class OnlineFeatures:
@@ -429,7 +484,11 @@ def fit(
     steps = 0
     for epoch in range(1, config.epochs + 1):
         model.train()
-        permutation = torch.randperm(len(train), generator=order).numpy()
+        permutation = (
+            train.order(order)
+            if hasattr(train, "order")
+            else torch.randperm(len(train), generator=order).numpy()
+        )
         losses = []
         bar = tqdm(
             total=steps_per_epoch,
@@ -664,9 +723,12 @@ def train(
 
     meter.start(device)
     model = build_model(config, cache, task, taps, model_path)
-    train_source = CachedFeatures(cache, config.train_split, taps, split, config.max_train_examples)
+    budget = config.memory_budget_mb << 20
+    train_source = CachedFeatures(
+        cache, config.train_split, taps, split, config.max_train_examples, budget
+    )
     eval_source = (
-        CachedFeatures(cache, config.eval_split, taps, split)
+        CachedFeatures(cache, config.eval_split, taps, split, memory_budget=budget)
         if cache.labelled(config.eval_split)
         else None
     )

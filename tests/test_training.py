@@ -31,7 +31,14 @@ def caches(tmp_path_factory, tiny_models, glue_dir):
     root = tmp_path_factory.mktemp("caches")
     return {
         family: extract(
-            ExtractConfig(model=str(path), task="mrpc", data_dir=glue_dir, cache_root=root, dtype="float32", device="cpu"),
+            ExtractConfig(
+                model=str(path),
+                task="mrpc",
+                data_dir=glue_dir,
+                cache_root=root,
+                dtype="float32",
+                device="cpu",
+            ),
             progress=False,
         ).path
         for family, path in tiny_models.items()
@@ -59,10 +66,14 @@ def test_cached_training_equals_online_training(tmp_path, caches, tiny_models, f
         OnlineFeatures(backbone, cache, "train", [0, 1, 2], split),
     ):
         model = build_model(config, cache, task, [0, 1, 2], str(tiny_models[family]))
-        fitted = fit(model, source, None, task, config, torch.device("cpu"), max_steps=4, progress=False)
+        fitted = fit(
+            model, source, None, task, config, torch.device("cpu"), max_steps=4, progress=False
+        )
         outcomes.append((fitted.step_losses, trainable_state(model)))
     (cached_losses, cached_state), (online_losses, online_state) = outcomes
-    torch.testing.assert_close(torch.tensor(cached_losses), torch.tensor(online_losses), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(cached_losses), torch.tensor(online_losses), atol=1e-5, rtol=1e-5
+    )
     assert cached_state.keys() == online_state.keys() and cached_state
     for name in cached_state:
         torch.testing.assert_close(cached_state[name], online_state[name], atol=1e-5, rtol=1e-4)
@@ -72,8 +83,16 @@ def test_train_writes_run_folder(tmp_path, caches):
     result = train(run_config(tmp_path, caches["bert"]), progress=False)
     out = result.out
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("best", "epochs", "trainable_params", "total_params", "peak_memory_bytes",
-                "memory_measure", "step_seconds_median", "train_seconds"):
+    for key in (
+        "best",
+        "epochs",
+        "trainable_params",
+        "total_params",
+        "peak_memory_bytes",
+        "memory_measure",
+        "step_seconds_median",
+        "train_seconds",
+    ):
         assert key in metrics
     assert set(metrics["best"]) >= {"accuracy", "f1", "epoch", "loss"}
     assert len(metrics["epochs"]) == 2
@@ -112,11 +131,16 @@ GOLDEN_BERT_LOSSES = [0.7358, 0.6228, 0.6402]
 def test_modes_change_what_trains(tmp_path, caches):
     counts = {}
     for mode in ("frozen", "lora", "full"):
-        metrics = train(run_config(tmp_path, caches["roberta"], out=tmp_path / mode, late_mode=mode, epochs=1), progress=False).metrics
+        metrics = train(
+            run_config(tmp_path, caches["roberta"], out=tmp_path / mode, late_mode=mode, epochs=1),
+            progress=False,
+        ).metrics
         counts[mode] = metrics["trainable_params"]
     assert counts["frozen"] < counts["lora"] < counts["full"]
     state = load_file(tmp_path / "lora" / "trainable.safetensors")
-    assert any("lora_" in n for n in state) and not any(n.startswith("late.") and "lora_" not in n for n in state)
+    assert any("lora_" in n for n in state) and not any(
+        n.startswith("late.") and "lora_" not in n for n in state
+    )
 
 
 def test_default_taps():
@@ -127,10 +151,18 @@ def test_default_taps():
 
 def test_cache_without_needed_layers_names_extract_command(tmp_path, tiny_models, glue_dir):
     path = extract(
-        ExtractConfig(model=str(tiny_models["bert"]), task="mrpc", data_dir=glue_dir, cache_root=tmp_path, layers="0,3"),
+        ExtractConfig(
+            model=str(tiny_models["bert"]),
+            task="mrpc",
+            data_dir=glue_dir,
+            cache_root=tmp_path,
+            layers="0,3",
+        ),
         progress=False,
     ).path
-    with pytest.raises(CacheMismatchError, match=r"field layers.*sherl-cache extract .*--layers 0,1,3"):
+    with pytest.raises(
+        CacheMismatchError, match=r"field layers.*sherl-cache extract .*--layers 0,1,3"
+    ):
         train(run_config(tmp_path, path, tap="0,1"), progress=False)
     with pytest.raises(CacheMismatchError, match="late-layers"):
         train(run_config(tmp_path, path, tap="0", late_layers=2), progress=False)
@@ -165,7 +197,9 @@ def test_bad_train_config(tmp_path, overrides, match):
 def test_regression_head_for_stsb(tmp_path, tiny_models):
     stsb = tmp_path / "glue" / "STS-B"
     stsb.mkdir(parents=True)
-    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    header = (
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    )
     rng = np.random.default_rng(0)
     for name, n in (("train.tsv", 16), ("dev.tsv", 8)):
         rows = "".join(
@@ -174,8 +208,40 @@ def test_regression_head_for_stsb(tmp_path, tiny_models):
         )
         (stsb / name).write_text(header + rows)
     path = extract(
-        ExtractConfig(model=str(tiny_models["bert"]), task="stsb", data_dir=tmp_path / "glue", cache_root=tmp_path / "c"),
+        ExtractConfig(
+            model=str(tiny_models["bert"]),
+            task="stsb",
+            data_dir=tmp_path / "glue",
+            cache_root=tmp_path / "c",
+        ),
         progress=False,
     ).path
     metrics = train(run_config(tmp_path, path), progress=False).metrics
     assert {"pearson", "spearman"} <= set(metrics["best"])
+
+
+def test_windowed_reading_gives_the_same_batches(caches):
+    """A split larger than the memory budget streams in windows; features are unchanged."""
+    cache = open_cache(caches["bert"])
+    whole = CachedFeatures(cache, "train", [0, 1, 2, 3], 3)
+    windowed = CachedFeatures(cache, "train", [0, 1, 2, 3], 3, memory_budget=200 * 4 * 32 * 4)
+    assert len(whole.windows) == 1 and len(windowed.windows) > 2
+    order = windowed.order(torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(len(windowed)))
+    first, end = windowed.windows[0]
+    position = np.flatnonzero((order >= first) & (order < end))
+    assert position.max() - position.min() + 1 == end - first  # each window is visited in one go
+    for indices in (order[:5], order[3:11], np.arange(len(whole))):
+        a, b = (
+            whole.batch(indices, torch.device("cpu")),
+            windowed.batch(indices, torch.device("cpu")),
+        )
+        for x, y in zip(
+            [*a.taps, a.last, a.mask, a.labels], [*b.taps, b.last, b.mask, b.labels], strict=True
+        ):
+            torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_training_with_a_tiny_memory_budget(tmp_path, caches):
+    config = run_config(tmp_path, caches["bert"], memory_budget_mb=1)
+    assert train(config, progress=False).metrics["best"]

@@ -31,9 +31,7 @@ def sentences(rows: int) -> list[tuple[str, str]]:
         return [tuple(line.split("\t")[3:5]) for line in lines]
     words = "the company said it would report results for the year after markets closed".split()
     rng = np.random.default_rng(0)
-    return [
-        (" ".join(rng.choice(words, 20)), " ".join(rng.choice(words, 20))) for _ in range(rows)
-    ]
+    return [(" ".join(rng.choice(words, 20)), " ".join(rng.choice(words, 20))) for _ in range(rows)]
 
 
 def activations(rows: int) -> np.ndarray:
@@ -48,7 +46,9 @@ def activations(rows: int) -> np.ndarray:
     with torch.inference_mode():
         for b in range(0, len(pairs), 64):
             a, c = zip(*pairs[b : b + 64], strict=True)
-            enc = tok(list(a), list(c), truncation=True, max_length=128, padding=True, return_tensors="pt")
+            enc = tok(
+                list(a), list(c), truncation=True, max_length=128, padding=True, return_tensors="pt"
+            )
             states = model(**enc, output_hidden_states=True).hidden_states
             mask = enc["attention_mask"].bool()
             flat.append(torch.stack([s[mask] for s in states]))  # (layers, tokens, d)

@@ -19,7 +19,7 @@ from .errors import SherlCacheError
 
 app = typer.Typer(
     name="sherl-cache",
-    help="Cache a frozen backbone's hidden states once; train SHERL fusion and late layers from it.",
+    help="Cache a frozen backbone's hidden states once; train SHERL fusion + late layers from it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -68,21 +68,47 @@ def _split_list(value: Optional[str]) -> Optional[tuple[str, ...]]:
 @reports_errors
 def extract(
     model: str = typer.Option(..., "--model", help="Hugging Face model id or local folder."),
-    task: Optional[str] = typer.Option(None, "--task", help="GLUE task name (cola, sst2, mrpc, ...)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with GLUE's layout (MRPC/train.tsv, ...)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Own files: train=a.csv,validation=b.jsonl (csv, tsv, jsonl, parquet)."),
-    text_columns: Optional[str] = typer.Option(None, "--text-columns", help="One or two text column names, comma separated."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column of own files."),
-    layers: str = typer.Option("all", "--layers", help="Hidden-state indices: all | i,j,k | every:N (L-1 is always kept)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: bfloat16 for T5, else float16)."),
-    max_length: int = typer.Option(128, "--max-length", help="Tokens per example; longer ones are truncated (counted)."),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="GLUE task name (cola, sst2, mrpc, ...)."
+    ),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="Folder with GLUE's layout (MRPC/train.tsv, ...)."
+    ),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Own files: train=a.csv,validation=b.jsonl (csv, tsv, jsonl, parquet)."
+    ),
+    text_columns: Optional[str] = typer.Option(
+        None, "--text-columns", help="One or two text column names, comma separated."
+    ),
+    label_column: Optional[str] = typer.Option(
+        None, "--label-column", help="Label column of own files."
+    ),
+    layers: str = typer.Option(
+        "all", "--layers", help="Hidden-state indices: all | i,j,k | every:N (L-1 is always kept)."
+    ),
+    dtype: Optional[str] = typer.Option(
+        None,
+        "--dtype",
+        help="float32 | float16 | bfloat16 (default: bfloat16 for T5, else float16).",
+    ),
+    max_length: int = typer.Option(
+        128, "--max-length", help="Tokens per example; longer ones are truncated (counted)."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    cache: Optional[str] = typer.Option(None, "--cache", help="Explicit store path (or fsspec URL)."),
-    cache_root: Path = typer.Option(Path("cache"), "--cache-root", help="Folder holding caches under derived names."),
-    splits: Optional[str] = typer.Option(None, "--splits", help="Only these splits, comma separated."),
+    cache: Optional[str] = typer.Option(
+        None, "--cache", help="Explicit store path (or fsspec URL)."
+    ),
+    cache_root: Path = typer.Option(
+        Path("cache"), "--cache-root", help="Folder holding caches under derived names."
+    ),
+    splits: Optional[str] = typer.Option(
+        None, "--splits", help="Only these splits, comma separated."
+    ),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow model code from the hub (off by default)."
+    ),
     chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", hidden=True),
     shard_chunks: Optional[int] = typer.Option(None, "--shard-chunks", hidden=True),
     workers: int | None = typer.Option(
@@ -148,17 +174,21 @@ def info(
     model = manifest["model"]
     lines = [
         f"cache      {path}",
-        f"state      {'complete' if cache.complete else 'INCOMPLETE (re-run: ' + str(manifest.get('command')) + ')'}",
+        "state      "
+        + ("complete" if cache.complete else f"INCOMPLETE (re-run: {manifest.get('command')})"),
         f"model      {model['model_id']} ({model['architecture']}, {model['family']}, "
         f"{model['num_layers']} layers, hidden {model['hidden_size']})",
         f"weights    sha256 {model['weights_sha256'][:16]}…"
         + (f" revision {model['revision']}" if model.get("revision") else ""),
-        f"tokenizer  {manifest['tokenizer']['class']} (vocab {manifest['tokenizer']['vocab_size']}), "
+        f"tokenizer  {manifest['tokenizer']['class']} "
+        f"(vocab {manifest['tokenizer']['vocab_size']}), "
         f"max length {manifest['max_length']}, truncation {manifest['truncation_side']}",
-        f"task       {manifest['task']['name']} ({manifest['task']['problem']}) from {manifest['data']['source']}",
+        f"task       {manifest['task']['name']} ({manifest['task']['problem']}) "
+        f"from {manifest['data']['source']}",
         f"dtype      {manifest['dtype']}",
-        f"layers     {', '.join(map(str, cache.layers))} (index {manifest['guaranteed_layer']} = input "
-        "of the last layer, always stored for the late route)",
+        f"layers     {', '.join(map(str, cache.layers))} "
+        f"(index {manifest['guaranteed_layer']} = input of the last layer, always stored "
+        "for the late route)",
     ]
     lines.append("splits")
     for split in cache.splits:
@@ -171,7 +201,9 @@ def info(
             f"{_human(s['bytes_stored'])} on disk, {ratio:.2f}x  "
             f"truncated {meta['truncated']}{'' if meta['labelled'] else '  unlabelled'}"
         )
-    total_ratio = stats["bytes_raw"] / stats["bytes_stored"] if stats["bytes_stored"] else float("nan")
+    total_ratio = (
+        stats["bytes_raw"] / stats["bytes_stored"] if stats["bytes_stored"] else float("nan")
+    )
     lines.append(
         f"total      {_human(stats['bytes_stored'])} on disk, {_human(stats['bytes_raw'])} raw, "
         f"compression {total_ratio:.2f}x"
@@ -182,13 +214,27 @@ def info(
 @app.command()
 @reports_errors
 def train(
-    task: Optional[str] = typer.Option(None, "--task", help="Task the cache was made for (checked)."),
-    cache: Optional[str] = typer.Option(None, "--cache", help="Cache path; default: find one in --cache-root."),
-    model: Optional[str] = typer.Option(None, "--model", help="Backbone (finds its cache; source of late weights)."),
-    cache_root: Path = typer.Option(Path("cache"), "--cache-root", help="Where to look for caches."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<task>-<time>)."),
-    tap: str = typer.Option("default", "--tap", help="Tapped hidden states: default | all | i,j,k | every:N."),
-    late_layers: int = typer.Option(1, "--late-layers", help="Pre-trained layers after the fusion (k)."),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="Task the cache was made for (checked)."
+    ),
+    cache: Optional[str] = typer.Option(
+        None, "--cache", help="Cache path; default: find one in --cache-root."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Backbone (finds its cache; source of late weights)."
+    ),
+    cache_root: Path = typer.Option(
+        Path("cache"), "--cache-root", help="Where to look for caches."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Run folder (default runs/<task>-<time>)."
+    ),
+    tap: str = typer.Option(
+        "default", "--tap", help="Tapped hidden states: default | all | i,j,k | every:N."
+    ),
+    late_layers: int = typer.Option(
+        1, "--late-layers", help="Pre-trained layers after the fusion (k)."
+    ),
     late_mode: str = typer.Option("frozen", "--late-mode", help="frozen | full | lora."),
     lora_rank: int = typer.Option(8, "--lora-rank"),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
@@ -225,12 +271,31 @@ def train(
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{task or 'run'}-{stamp}"
     config = TrainConfig(
-        cache=cache, out=out, task=task, tap=tap, late_layers=late_layers, late_mode=late_mode,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, reduction=reduction,
-        fusion_variant=fusion_variant, fusion_dropout=fusion_dropout, head_dropout=head_dropout,
-        pool=pool, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, epochs=epochs,
-        batch_size=batch_size, seed=seed, train_split=train_split, eval_split=eval_split,
-        device=device, max_train_examples=max_train_examples, model=model, overwrite=overwrite,
+        cache=cache,
+        out=out,
+        task=task,
+        tap=tap,
+        late_layers=late_layers,
+        late_mode=late_mode,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        reduction=reduction,
+        fusion_variant=fusion_variant,
+        fusion_dropout=fusion_dropout,
+        head_dropout=head_dropout,
+        pool=pool,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        train_split=train_split,
+        eval_split=eval_split,
+        device=device,
+        max_train_examples=max_train_examples,
+        model=model,
+        overwrite=overwrite,
         memory_budget_mb=memory_budget_mb,
     )
     metrics = run_train(config, report=_err, progress=not quiet).metrics
@@ -241,7 +306,8 @@ def train(
     )
     _err(
         f"trainable {metrics['trainable_params']:,} / total {metrics['total_params']:,} params "
-        f"({metrics['trainable_percent']:.3f}%), peak memory {_human(metrics['peak_memory_bytes'])} "
+        f"({metrics['trainable_percent']:.3f}%), "
+        f"peak memory {_human(metrics['peak_memory_bytes'])} "
         f"({metrics['memory_measure']}), {1000 * metrics['step_seconds_median']:.1f} ms/step"
     )
     typer.echo(str(out))

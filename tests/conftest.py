@@ -17,9 +17,9 @@ REAL_MRPC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gl
 
 WORDS = (
     "the a an of to and in is was he she it they said that for on with as at by from this "
-    "company year percent market shares stock price new people state government police "
-    "report court officials told would will could not have has had be been were are "
-    "two three million first last week monday today after before about more than"
+    "company year percent market shares stock price new people state government police report "
+    "court officials told would will could not have has had be been were are two three "
+    "million first last week monday today after before about more than"
 ).split()
 
 

@@ -12,7 +12,12 @@ from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
 from sherl_cache import open_cache
 from sherl_cache.cache import from_storage, hidden_name, to_storage
-from sherl_cache.errors import CacheIncompleteError, CacheMismatchError, ConfigError, NumericOverflowError
+from sherl_cache.errors import (
+    CacheIncompleteError,
+    CacheMismatchError,
+    ConfigError,
+    NumericOverflowError,
+)
 from sherl_cache.extract import ExtractConfig, extract
 
 TOLERANCE = {  # absolute/relative tolerance that the storage dtype's rounding allows
@@ -62,7 +67,9 @@ def test_cached_tokens_equal_direct_forward(tmp_path, tiny_models, glue_dir, fam
     from sherl_cache.data import load_glue
     from sherl_cache.tasks import get_task
 
-    result = extract(small_config(tmp_path, tiny_models[family], glue_dir, dtype=dtype), progress=False)
+    result = extract(
+        small_config(tmp_path, tiny_models[family], glue_dir, dtype=dtype), progress=False
+    )
     cache = open_cache(result.path)
     assert cache.dtype == dtype
     assert cache.layers == list(range(5))
@@ -90,10 +97,14 @@ def test_cached_tokens_equal_direct_forward(tmp_path, tiny_models, glue_dir, fam
 
 
 def test_layer_selection_always_keeps_last_layer_input(tmp_path, tiny_models, glue_dir):
-    result = extract(small_config(tmp_path, tiny_models["bert"], glue_dir, layers="0,2"), progress=False)
+    result = extract(
+        small_config(tmp_path, tiny_models["bert"], glue_dir, layers="0,2"), progress=False
+    )
     assert open_cache(result.path).layers == [0, 2, 3]
     result = extract(
-        small_config(tmp_path, tiny_models["bert"], glue_dir, layers="every:2", cache_root=tmp_path / "b"),
+        small_config(
+            tmp_path, tiny_models["bert"], glue_dir, layers="every:2", cache_root=tmp_path / "b"
+        ),
         progress=False,
     )
     assert open_cache(result.path).layers == [0, 2, 3, 4]
@@ -102,7 +113,9 @@ def test_layer_selection_always_keeps_last_layer_input(tmp_path, tiny_models, gl
 def test_format_readable_by_zarr_dask_xarray(tmp_path, tiny_models, glue_dir):
     import dask.array as da
 
-    result = extract(small_config(tmp_path, tiny_models["bert"], glue_dir, dtype="float16"), progress=False)
+    result = extract(
+        small_config(tmp_path, tiny_models["bert"], glue_dir, dtype="float16"), progress=False
+    )
     root = zarr.open_group(result.path, mode="r")
     assert root.attrs["format"] == "sherl-cache" and root.attrs["complete"] is True
     train = root["train"]
@@ -135,7 +148,9 @@ def test_rerun_does_nothing_and_path_is_stable(tmp_path, tiny_models, glue_dir):
     second = extract(config, report=messages.append, progress=False)
     assert second.path == first.path and second.already_complete
     assert any("already complete" in m for m in messages)
-    other = extract(small_config(tmp_path, tiny_models["bert"], glue_dir, max_length=20), progress=False)
+    other = extract(
+        small_config(tmp_path, tiny_models["bert"], glue_dir, max_length=20), progress=False
+    )
     assert other.path != first.path
 
 
@@ -170,7 +185,9 @@ def test_manifest_records_inputs(tmp_path, tiny_models, glue_dir):
 
 
 def test_truncation_is_counted(tmp_path, tiny_models, glue_dir):
-    result = extract(small_config(tmp_path, tiny_models["bert"], glue_dir, max_length=8), progress=False)
+    result = extract(
+        small_config(tmp_path, tiny_models["bert"], glue_dir, max_length=8), progress=False
+    )
     cache = open_cache(result.path)
     assert cache.manifest["splits"]["train"]["truncated"] == 24
     assert (np.diff(cache.offsets("train")) == 8).all()
@@ -194,7 +211,10 @@ def test_explicit_cache_of_other_inputs_is_refused(tmp_path, tiny_models, glue_d
     path = str(tmp_path / "mine")
     extract(small_config(tmp_path, tiny_models["bert"], glue_dir, cache=path), progress=False)
     with pytest.raises(CacheMismatchError, match="max_length"):
-        extract(small_config(tmp_path, tiny_models["bert"], glue_dir, cache=path, max_length=16), progress=False)
+        extract(
+            small_config(tmp_path, tiny_models["bert"], glue_dir, cache=path, max_length=16),
+            progress=False,
+        )
     assert open_cache(path).manifest["max_length"] == 40  # untouched
 
 

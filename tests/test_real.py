@@ -28,7 +28,14 @@ def real_subset(tmp_path_factory, real_glue_dir):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_minilm_cache_equals_direct_forward(tmp_path, minilm_path, real_subset, dtype):
     path = extract(
-        ExtractConfig(model=str(minilm_path), task="mrpc", data_dir=real_subset, cache_root=tmp_path, dtype=dtype, device="cpu"),
+        ExtractConfig(
+            model=str(minilm_path),
+            task="mrpc",
+            data_dir=real_subset,
+            cache_root=tmp_path,
+            dtype=dtype,
+            device="cpu",
+        ),
         progress=False,
     ).path
     cache = open_cache(path)
@@ -43,15 +50,25 @@ def test_minilm_cache_equals_direct_forward(tmp_path, minilm_path, real_subset, 
             states = model(**enc, output_hidden_states=True).hidden_states
         np.testing.assert_array_equal(cache.input_ids("validation", i), enc["input_ids"][0].numpy())
         for layer in cache.layers:
-            torch.testing.assert_close(torch.from_numpy(cache.hidden("validation", layer, i)), states[layer][0], **tol)
+            torch.testing.assert_close(
+                torch.from_numpy(cache.hidden("validation", layer, i)), states[layer][0], **tol
+            )
 
 
 def test_minilm_trains_from_real_cache(tmp_path, minilm_path, real_subset):
     path = extract(
-        ExtractConfig(model=str(minilm_path), task="mrpc", data_dir=real_subset, cache_root=tmp_path, device="cpu"),
+        ExtractConfig(
+            model=str(minilm_path),
+            task="mrpc",
+            data_dir=real_subset,
+            cache_root=tmp_path,
+            device="cpu",
+        ),
         progress=False,
     ).path
-    metrics = train(TrainConfig(cache=path, out=tmp_path / "run", epochs=2, batch_size=16), progress=False).metrics
+    metrics = train(
+        TrainConfig(cache=path, out=tmp_path / "run", epochs=2, batch_size=16), progress=False
+    ).metrics
     assert metrics["epochs"][-1]["loss"] < metrics["epochs"][0]["loss"] * 1.5
     assert 0 <= metrics["best"]["accuracy"] <= 1
     assert metrics["trainable_params"] / metrics["total_params"] < 0.01

@@ -203,7 +203,8 @@ def test_regression_head_for_stsb(tmp_path, tiny_models):
     rng = np.random.default_rng(0)
     for name, n in (("train.tsv", 16), ("dev.tsv", 8)):
         rows = "".join(
-            f"{i}\tmain\tf\t2012\t{i}\ts\ts\tthe company said {i} .\tpeople told {i % 3} .\t{rng.uniform(0, 5):.3f}\n"
+            f"{i}\tmain\tf\t2012\t{i}\ts\ts\tthe company said {i} ."
+            f"\tpeople told {i % 3} .\t{rng.uniform(0, 5):.3f}\n"
             for i in range(n)
         )
         (stsb / name).write_text(header + rows)

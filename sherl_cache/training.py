@@ -622,8 +622,9 @@ def find_cache(cache_root: Path, task: str | None, model: str | None) -> str:
         return max(complete, key=lambda c: c.manifest.get("completed", "")).path
     command = f"sherl-cache extract --model {model} --task {wanted} --cache-root {cache_root}"
     if matches:
+        resume = matches[-1].manifest.get("command") or command  # its own flags, not defaults
         raise CacheMismatchError(
-            f"the cache for {wanted} and {model} is incomplete; finish it with: {command}"
+            f"the cache for {wanted} and {model} is incomplete; finish it with: {resume}"
         )
     raise CacheMismatchError(
         f"no cache for task {wanted} and model {model} in {cache_root}; make one with: {command}"
@@ -656,7 +657,8 @@ def verified_weights(
             raise CacheMismatchError(
                 f"model {candidate!r} is not the one {owner} was made with "
                 f"(field {field_name}: recorded {recorded['weights_sha256'][:12]}…, "
-                f"model has {info.weights_sha256[:12]}…); pass --model with the original"
+                f"model has {info.weights_sha256[:12]}…); pass --model with the original, or "
+                f"make a cache of this model: sherl-cache extract --model {candidate} ..."
             )
         return str(resolve_model_dir(candidate, recorded.get("revision"))[0])
     raise CacheMismatchError(

@@ -464,7 +464,6 @@ def run_unit(
     first = int(np.searchsorted(offsets, start, side="right")) - 1
     last = int(np.searchsorted(offsets, stop, side="left"))
     examples = sorted(range(first, last), key=lambda i: -len(tokens.input_ids[i]))
-    hidden_size = None
     buffer: np.ndarray | None = None
     input_ids = np.concatenate([tokens.input_ids[i] for i in range(first, last)]).astype(np.int32)
     input_ids = input_ids[start - offsets[first] : stop - offsets[first]]
@@ -489,29 +488,39 @@ def run_unit(
             inputs["token_type_ids"] = types.to(device)
         with torch.inference_mode():
             states = model(**forward_kwargs(inputs), output_hidden_states=True).hidden_states
-            stacked = torch.stack([states[layer] for layer in layers])  # (layers, B, T, d)
-            if dtype == "float16":
-                _check_float16(stacked, mask.to(device), layers, batch, tokens.name)
-            stored = _storage_tensor(stacked, dtype).cpu().numpy()
+            keep = mask.to(device).bool()
+            stored = []  # per layer: (B, T, d) in the storage representation, on the host
+            for layer in layers:
+                if dtype == "float16":
+                    _check_float16(states[layer], keep, layer, batch, tokens.name)
+                stored.append(_storage_tensor(states[layer], dtype).cpu().numpy())
         if buffer is None:
-            hidden_size = stored.shape[-1]
-            buffer = np.zeros((len(layers), stop - start, hidden_size), dtype=STORAGE_DTYPES[dtype])
+            shape = (len(layers), stop - start, stored[0].shape[-1])
+            buffer = np.zeros(shape, dtype=STORAGE_DTYPES[dtype])
         for row, i in enumerate(batch):
             lo, hi = max(offsets[i], start), min(offsets[i + 1], stop)
-            buffer[:, lo - start : hi - start] = stored[:, row, lo - offsets[i] : hi - offsets[i]]
+            for position, values in enumerate(stored):
+                buffer[position, lo - start : hi - start] = values[
+                    row, lo - offsets[i] : hi - offsets[i]
+                ]
         if on_batch is not None:
             on_batch(sum(min(offsets[i + 1], stop) - max(offsets[i], start) for i in batch))
     assert buffer is not None
     return Unit(tokens.name, unit, start, stop, buffer, input_ids, token_types)
 
 
-def _check_float16(stacked: torch.Tensor, mask: torch.Tensor, layers, batch, split: str) -> None:
-    peak = (stacked.abs() * mask[None, :, :, None]).amax(dim=(2, 3))  # (layers, B)
-    if bool((peak > FLOAT16_MAX).any()) or not bool(torch.isfinite(peak).all()):
-        layer_pos, row = (int(x) for x in (peak > FLOAT16_MAX).nonzero()[0])
+def _check_float16(states: torch.Tensor, keep: torch.Tensor, layer: int, batch, split: str) -> None:
+    """Refuse values float16 cannot hold (and NaN) in real tokens; padding may hold anything."""
+    low, high = torch.aminmax(states)
+    if low >= -FLOAT16_MAX and high <= FLOAT16_MAX:  # the common case; NaN fails both tests
+        return
+    peak = torch.where(keep[..., None], states.abs(), 0).amax(dim=(1, 2))  # (B,)
+    bad = ~(peak <= FLOAT16_MAX)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
         raise NumericOverflowError(
-            f"hidden-state index {layers[layer_pos]} of {split} example {batch[row]} reaches "
-            f"{float(peak[layer_pos, row]):.3g}, beyond float16's range: use --dtype bfloat16 "
+            f"hidden-state index {layer} of {split} example {batch[row]} reaches "
+            f"{float(peak[row]):.3g}, beyond float16's range: use --dtype bfloat16 "
             "or --dtype float32"
         )
 

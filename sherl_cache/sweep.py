@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .cache import Cache, open_cache
+from .cluster import connect
 from .errors import ConfigError, RunError
 from .training import DEVICES, TrainConfig, resolve_taps, task_of, train
 
@@ -454,20 +455,6 @@ def _local_runner() -> Iterator[Runner]:
             yield trial, run_trial(**kwargs)
 
     yield run
-
-
-def connect(address: str, timeout: float = 5.0):
-    """A client of an existing scheduler, or a one-line ConfigError within ``timeout`` seconds."""
-    from distributed import Client
-
-    try:
-        return Client(address, timeout=timeout, set_as_default=False)
-    except (OSError, ValueError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"cannot reach the dask scheduler at {address!r} (--scheduler) within {timeout:g} s: "
-            f"{reason[:200]}"
-        ) from None
 
 
 def _local_gpus(config: SweepConfig) -> int:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from distributed import WorkerPlugin
 
-from .cache import Cache, Geometry, open_cache, open_store
+from .cache import Cache, Geometry, open_store
 from .cluster import connect
 from .errors import CacheError, CacheMismatchError, ConfigError, NumericOverflowError
 from .extract import (
@@ -57,13 +57,12 @@ from .extract import (
     UnitWriter,
     _create_store,
     _existing_cache,
-    _finalize,
     _forward_parameters,
     _remove_partial_files,
     _totals,
     _write_error,
     cache_lock,
-    fault_point,
+    finish_extraction,
     plan_extraction,
     resolve_device,
     run_unit,
@@ -556,19 +555,7 @@ def extract_distributed(
             with _cluster(config, workers, scheduler, client, report) as cluster:
                 report(cluster.described)
                 _run_jobs(cluster, jobs, total, plan, config, report, progress)
-        fault_point("before-finalize")
-        cache = open_cache(path, allow_incomplete=True)
-        try:
-            stats = _finalize(root, cache)
-        except OSError as exc:
-            raise _write_error(exc) from exc
-    result = ExtractResult(path, resumed=resumed, already_complete=False, **stats)
-    result.seconds = time.perf_counter() - began
-    report(
-        f"{result.rows} rows, {result.tokens} tokens, {result.bytes_stored:,} bytes written "
-        f"({result.compression_ratio:.2f}x compression of {result.bytes_raw:,} bytes)"
-    )
-    return result
+        return finish_extraction(root, path, resumed, began, report)
 
 
 def _run_jobs(

@@ -677,19 +677,26 @@ def extract(
             raise
         writer.close()
 
-        fault_point("before-finalize")
-        cache = open_cache(path, allow_incomplete=True)
-        try:
-            stats = _finalize(root, cache)
-        except OSError as exc:
-            raise _write_error(exc) from exc
-        result = ExtractResult(path, resumed=resumed, already_complete=False, **stats)
-        result.seconds = time.perf_counter() - began
-        report(
-            f"{result.rows} rows, {result.tokens} tokens, {result.bytes_stored:,} bytes written "
-            f"({result.compression_ratio:.2f}x compression of {result.bytes_raw:,} bytes)"
-        )
-        return result
+        return finish_extraction(root, path, resumed, began, report)
+
+
+def finish_extraction(
+    root, path: str, resumed: bool, began: float, report: Callable[[str], None]
+) -> ExtractResult:
+    """Mark a fully written cache complete and report what it holds (every extraction path)."""
+    fault_point("before-finalize")
+    cache = open_cache(path, allow_incomplete=True)
+    try:
+        stats = _finalize(root, cache)
+    except OSError as exc:
+        raise _write_error(exc) from exc
+    result = ExtractResult(path, resumed=resumed, already_complete=False, **stats)
+    result.seconds = time.perf_counter() - began
+    report(
+        f"{result.rows} rows, {result.tokens} tokens, {result.bytes_stored:,} bytes written "
+        f"({result.compression_ratio:.2f}x compression of {result.bytes_raw:,} bytes)"
+    )
+    return result
 
 
 @contextlib.contextmanager

@@ -76,27 +76,12 @@ def prebuilt_batches(config: ex.ExtractConfig) -> dict[str, Any]:
         tokens += total
         for unit in range(geometry.num_units(total)):
             start, stop = geometry.unit_range(unit, total)
-            # run_unit's selection and order: every example overlapping the unit, longest first
-            first = int(np.searchsorted(offsets, start, side="right")) - 1
-            last = int(np.searchsorted(offsets, stop, side="left"))
+            # run_unit's selection, order and padding: the library's own batch builder
+            first, last = ex.unit_examples(offsets, start, stop)
             examples = sorted(range(first, last), key=lambda i, t=tok: -len(t.input_ids[i]))
-            for b in range(0, len(examples), config.batch_size):
-                batch = examples[b : b + config.batch_size]
-                width = len(tok.input_ids[batch[0]])
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                types = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    n = len(tok.input_ids[i])
-                    ids[row, :n] = torch.as_tensor(tok.input_ids[i])
-                    mask[row, :n] = 1
-                    if tok.token_type_ids is not None:
-                        types[row, :n] = torch.as_tensor(tok.token_type_ids[i])
-                inputs = {"input_ids": ids, "attention_mask": mask}
-                if tok.token_type_ids is not None:
-                    inputs["token_type_ids"] = types
+            for _, inputs in ex.unit_batches(tok, examples, config.batch_size, pad_id):
                 batches.append(inputs)
-                padded += ids.numel()
+                padded += inputs["input_ids"].numel()
     return {
         "info": info,
         "layers": layers,

@@ -57,12 +57,12 @@ from .extract import (
     UnitWriter,
     _create_store,
     _existing_cache,
-    _forward_parameters,
     _remove_partial_files,
     _totals,
     _write_error,
     cache_lock,
     finish_extraction,
+    load_extraction_model,
     plan_extraction,
     resolve_device,
     run_unit,
@@ -203,22 +203,15 @@ def _backbone(spec: BackboneSpec) -> _Loaded:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from .backbones import load_backbone
-
         hf_logging.disable_progress_bar()  # a worker's stderr is a log, not a terminal
         if spec.threads:
             torch.set_num_threads(spec.threads)  # N processes on C cores: C/N threads each
         device = resolve_device(spec.device)
-        compute_dtype = (
-            torch.float32
-            if device.type == "cpu" or spec.dtype == "float32"
-            else getattr(torch, spec.dtype)
-        )
-        model, _, info = load_backbone(
+        model, info, forward_kwargs = load_extraction_model(
             spec.model,
             revision=spec.revision,
-            dtype=compute_dtype,
-            device=str(device),
+            dtype=spec.dtype,
+            device=device,
             trust_remote_code=spec.trust_remote_code,
         )
         if info.weights_sha256 != spec.weights_sha256:
@@ -227,13 +220,6 @@ def _backbone(spec: BackboneSpec) -> _Loaded:
                 f"{info.weights_sha256[:12]}, the cache needs {spec.weights_sha256[:12]}); give "
                 "every worker the same checkpoint"
             )
-        accepts_types = "token_type_ids" in _forward_parameters(model)
-
-        def forward_kwargs(inputs: dict) -> dict:
-            if accepts_types:
-                return inputs
-            return {k: v for k, v in inputs.items() if k != "token_type_ids"}
-
         loaded = _Loaded(model, device, forward_kwargs)
         _BACKBONES[spec] = loaded
         return loaded

@@ -22,7 +22,7 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -452,6 +452,70 @@ def _storage_tensor(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
     return hidden.to(getattr(torch, dtype))
 
 
+def unit_examples(offsets: np.ndarray, start: int, stop: int) -> tuple[int, int]:
+    """The examples [first, last) whose tokens overlap the token range [start, stop)."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    return first, int(np.searchsorted(offsets, stop, side="left"))
+
+
+def unit_batches(
+    tokens: TokenizedSplit, examples: Sequence[int], batch_size: int, pad_id: int
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Right-padded CPU model inputs for consecutive batches of ``examples`` (in their order).
+
+    Public so the throughput benchmark times the very batches extraction runs.
+    """
+    for b in range(0, len(examples), batch_size):
+        batch = list(examples[b : b + batch_size])
+        width = max(len(tokens.input_ids[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        types = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(tokens.input_ids[i])
+            ids[row, :n] = torch.as_tensor(tokens.input_ids[i])
+            mask[row, :n] = 1
+            if tokens.token_type_ids is not None:
+                types[row, :n] = torch.as_tensor(tokens.token_type_ids[i])
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if tokens.token_type_ids is not None:
+            inputs["token_type_ids"] = types
+        yield batch, inputs
+
+
+def load_extraction_model(
+    model: str,
+    *,
+    revision: str | None,
+    dtype: str,
+    device: torch.device,
+    trust_remote_code: bool,
+) -> tuple[torch.nn.Module, BackboneInfo, Callable[[dict], dict]]:
+    """The frozen backbone in its compute dtype, and a filter dropping inputs it does not take.
+
+    The CPU always computes in float32 and rounds on storage (exact within the storage dtype);
+    a GPU computes in the storage dtype. T5 takes no ``token_type_ids``.
+    """
+    compute_dtype = (
+        torch.float32 if device.type == "cpu" or dtype == "float32" else getattr(torch, dtype)
+    )
+    net, _, info = load_backbone(
+        model,
+        revision=revision,
+        dtype=compute_dtype,
+        device=str(device),
+        trust_remote_code=trust_remote_code,
+    )
+    accepts_types = "token_type_ids" in _forward_parameters(net)
+
+    def forward_kwargs(inputs: dict) -> dict:
+        if accepts_types:
+            return inputs
+        return {k: v for k, v in inputs.items() if k != "token_type_ids"}
+
+    return net, info, forward_kwargs
+
+
 def run_unit(
     model,
     tokens: TokenizedSplit,
@@ -468,8 +532,7 @@ def run_unit(
     on_batch: Callable[[int], None] | None = None,
 ) -> Unit:
     """Compute one unit: every example overlapping [start, stop), in length-sorted batches."""
-    first = int(np.searchsorted(offsets, start, side="right")) - 1
-    last = int(np.searchsorted(offsets, stop, side="left"))
+    first, last = unit_examples(offsets, start, stop)
     examples = sorted(range(first, last), key=lambda i: -len(tokens.input_ids[i]))
     buffer: np.ndarray | None = None
     input_ids = np.concatenate([tokens.input_ids[i] for i in range(first, last)]).astype(np.int32)
@@ -478,21 +541,9 @@ def run_unit(
     if tokens.token_type_ids is not None:
         token_types = np.concatenate([tokens.token_type_ids[i] for i in range(first, last)])
         token_types = token_types.astype(np.int8)[start - offsets[first] : stop - offsets[first]]
-    for b in range(0, len(examples), batch_size):
-        batch = examples[b : b + batch_size]
-        width = len(tokens.input_ids[batch[0]])
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        types = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            n = len(tokens.input_ids[i])
-            ids[row, :n] = torch.as_tensor(tokens.input_ids[i])
-            mask[row, :n] = 1
-            if tokens.token_type_ids is not None:
-                types[row, :n] = torch.as_tensor(tokens.token_type_ids[i])
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if tokens.token_type_ids is not None:
-            inputs["token_type_ids"] = types.to(device)
+    for batch, cpu_inputs in unit_batches(tokens, examples, batch_size, pad_id):
+        inputs = {key: value.to(device) for key, value in cpu_inputs.items()}
+        mask = cpu_inputs["attention_mask"]
         with torch.inference_mode():
             states = model(**forward_kwargs(inputs), output_hidden_states=True).hidden_states
             keep = mask.to(device).bool()
@@ -622,24 +673,13 @@ def extract(
                 raise _write_error(exc) from exc
 
         device = resolve_device(config.device)
-        compute_dtype = (
-            torch.float32 if device.type == "cpu" or dtype == "float32" else getattr(torch, dtype)
-        )
         with _transformers_bars(progress):
-            model, _, _ = load_backbone(
+            model, _, forward_kwargs = load_extraction_model(
                 config.model,
                 revision=config.revision,
-                dtype=compute_dtype,
-                device=str(device),
+                dtype=dtype,
+                device=device,
                 trust_remote_code=config.trust_remote_code,
-            )
-        accepts_types = "token_type_ids" in _forward_parameters(model)
-
-        def forward_kwargs(inputs: dict) -> dict:
-            return (
-                inputs
-                if accepts_types
-                else {k: v for k, v in inputs.items() if k != "token_type_ids"}
             )
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

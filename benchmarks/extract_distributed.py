@@ -35,8 +35,8 @@ try:
 except ImportError:  # imported as benchmarks.extract_distributed
     from benchmarks._common import glue_dir, log, machine, minilm_path
 
-from sherl_cache.distributed import _cluster, extract_distributed
-from sherl_cache.extract import ExtractConfig, extract
+from sherl_cache.extraction.distributed import _cluster, extract_distributed
+from sherl_cache.extraction.extract import ExtractConfig, extract
 
 
 def _stored(path: str) -> dict[str, bytes]:

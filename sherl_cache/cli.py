@@ -120,9 +120,9 @@ def extract(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Stream a data set through the frozen backbone once and cache per-layer activations."""
-    from .data import parse_data_option
-    from .extract import ExtractConfig
-    from .extract import extract as run_extract
+    from .data.files import parse_data_option
+    from .extraction.extract import ExtractConfig
+    from .extraction.extract import extract as run_extract
 
     config = ExtractConfig(
         model=model,
@@ -145,7 +145,7 @@ def extract(
         shard_chunks=shard_chunks,
     )
     if workers is not None or scheduler is not None:
-        from .distributed import extract_distributed
+        from .extraction.distributed import extract_distributed
 
         result = extract_distributed(
             config, workers=workers or 0, scheduler=scheduler, report=_err, progress=not quiet
@@ -162,8 +162,8 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest and sizes as JSON."),
 ) -> None:
     """What is in a cache: model, splits, layers, shapes, dtype, sizes, compression."""
-    from .cache import open_cache
-    from .extract import storage_stats
+    from .extraction.extract import storage_stats
+    from .store.cache import open_cache
 
     cache = open_cache(path, allow_incomplete=True)
     manifest = cache.manifest
@@ -262,8 +262,8 @@ def train(
     """Train the SHERL fusion, late layers and head from a cache."""
     import datetime as dt
 
-    from .training import TrainConfig, find_cache
-    from .training import train as run_train
+    from .training.recipe import TrainConfig, find_cache
+    from .training.recipe import train as run_train
 
     if cache is None:
         cache = find_cache(cache_root, task=task, model=model)
@@ -351,8 +351,9 @@ def sweep(
     """Train many trials from one cache (grid or random search); print the ranked results."""
     import dataclasses
 
-    from .sweep import SweepConfig, format_summary, parse_fixed, parse_grid, parse_range, run_sweep
-    from .training import find_cache
+    from .config.values import parse_fixed, parse_grid, parse_range
+    from .experiments.sweep import SweepConfig, format_summary, run_sweep
+    from .training.recipe import find_cache
 
     fixed = parse_fixed(set_)
     flags = {"epochs": epochs, "batch_size": batch_size, "device": device, "model": model}
@@ -389,7 +390,7 @@ def report(
     top: int = typer.Option(5, "--top", help="Learning curves of this many best trials."),
 ) -> None:
     """Plot a sweep (metric per swept value, learning curves, memory vs metric); print its table."""
-    from .report import write_report
+    from .experiments.report import write_report
 
     result = write_report(sweep_dir, out=out, top=top)
     for path in result.plots:
@@ -414,8 +415,8 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run a pipeline file: extract the cache (only if missing), then run its sweep."""
-    from .pipeline import load_pipeline, run_pipeline
-    from .sweep import format_summary
+    from .experiments.pipeline import load_pipeline, run_pipeline
+    from .experiments.sweep import format_summary
 
     plan = load_pipeline(pipeline)  # the whole file is checked before anything runs
     if check:
@@ -454,7 +455,7 @@ def verify(
     device: str = typer.Option("cpu", "--device", help="--recompute device: auto | cpu | cuda."),
 ) -> None:
     """Read every chunk back; exit 1 listing corrupt or missing data by split, layer, example."""
-    from .verify import verify_cache
+    from .store.verify import verify_cache
 
     if recompute < 0:
         from .errors import ConfigError
@@ -488,7 +489,7 @@ def predict(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Predict labels and class scores for new examples with a trained run (no cache needed)."""
-    from .predict import check_output_format, load_input, load_run, write_predictions
+    from .inference.predict import check_output_format, load_input, load_run, write_predictions
 
     check_output_format(output)  # before any model is loaded
     run = load_run(run_dir, model=model, device=device)
@@ -533,7 +534,7 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Score a split with the task's metrics, from a matching cache or computed on the fly."""
-    from .predict import evaluate_run, load_run
+    from .inference.predict import evaluate_run, load_run
 
     run = load_run(run_dir, model=model, device=device)
     result = evaluate_run(

@@ -40,22 +40,11 @@ def make_tokenizer(folder: Path):
     return tok
 
 
-def build_tiny_model(family: str, folder: Path, num_layers: int = 4, seed: int = 0) -> Path:
-    """Save a random model of ``family`` with a WordPiece tokenizer into ``folder``."""
-    from transformers import (
-        BertConfig,
-        BertModel,
-        RobertaConfig,
-        RobertaModel,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
+def _bert(vocab: int, tok, num_layers: int):
+    from transformers import BertConfig, BertModel
 
-    tok = make_tokenizer(folder)
-    torch.manual_seed(seed)
-    vocab = len(tok)
-    if family == "bert":
-        cfg = BertConfig(
+    return BertModel(
+        BertConfig(
             vocab_size=vocab,
             hidden_size=32,
             num_hidden_layers=num_layers,
@@ -63,9 +52,14 @@ def build_tiny_model(family: str, folder: Path, num_layers: int = 4, seed: int =
             intermediate_size=64,
             max_position_embeddings=128,
         )
-        model = BertModel(cfg)
-    elif family == "roberta":
-        cfg = RobertaConfig(
+    )
+
+
+def _roberta(vocab: int, tok, num_layers: int):
+    from transformers import RobertaConfig, RobertaModel
+
+    return RobertaModel(
+        RobertaConfig(
             vocab_size=vocab,
             hidden_size=32,
             num_hidden_layers=num_layers,
@@ -74,9 +68,14 @@ def build_tiny_model(family: str, folder: Path, num_layers: int = 4, seed: int =
             max_position_embeddings=130,
             pad_token_id=tok.pad_token_id,
         )
-        model = RobertaModel(cfg)
-    elif family == "t5":
-        cfg = T5Config(
+    )
+
+
+def _t5(vocab: int, tok, num_layers: int):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(
+        T5Config(
             vocab_size=vocab,
             d_model=32,
             d_kv=8,
@@ -89,17 +88,38 @@ def build_tiny_model(family: str, folder: Path, num_layers: int = 4, seed: int =
             pad_token_id=tok.pad_token_id,
             decoder_start_token_id=tok.pad_token_id,
         )
-        model = T5ForConditionalGeneration(cfg)
-    else:
-        raise ValueError(family)
+    )
+
+
+# One tiny random model per supported family: adding a family adds one entry here, and every
+# test parametrized over FAMILIES covers it (test_backbones checks the registry matches).
+MODEL_BUILDERS = {"bert": _bert, "roberta": _roberta, "t5": _t5}
+FAMILIES = tuple(MODEL_BUILDERS)
+# The transformers class a test loads for a reference forward pass, independent of the library.
+REFERENCE_CLASSES = {"bert": "AutoModel", "roberta": "AutoModel", "t5": "T5EncoderModel"}
+
+
+def reference_backbone(model_dir, family: str):
+    """The headless model straight from transformers, and a filter for the inputs it takes."""
+    import inspect
+
+    import transformers
+
+    model = getattr(transformers, REFERENCE_CLASSES[family]).from_pretrained(model_dir).eval()
+    accepted = set(inspect.signature(model.forward).parameters)
+    return model, lambda inputs: {k: v for k, v in inputs.items() if k in accepted}
+
+
+def build_tiny_model(family: str, folder: Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """Save a random model of ``family`` with a WordPiece tokenizer into ``folder``."""
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    model = MODEL_BUILDERS[family](len(tok), tok, num_layers)
     with torch.no_grad():  # random init leaves some norms at 1 and biases at 0: perturb them
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     model.save_pretrained(folder)
     return folder
-
-
-FAMILIES = ("bert", "roberta", "t5")
 
 
 @pytest.fixture(scope="session")

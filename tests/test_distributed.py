@@ -21,9 +21,10 @@ import pytest
 import zarr
 
 from sherl_cache import open_cache
-from sherl_cache.distributed import UnitJob, extract_distributed
 from sherl_cache.errors import ConfigError
-from sherl_cache.extract import KILL_AT_ENV, UNIT_DELAY_ENV, ExtractConfig, extract
+from sherl_cache.extraction.distributed import UnitJob, extract_distributed
+from sherl_cache.extraction.extract import KILL_AT_ENV, UNIT_DELAY_ENV, ExtractConfig, extract
+from sherl_cache.families import get_family
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,9 @@ def client():
     from distributed.utils import get_mp_context
 
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        get_mp_context().set_forkserver_preload(["distributed", "sherl_cache.distributed"])
+        get_mp_context().set_forkserver_preload(
+            ["distributed", "sherl_cache.extraction.distributed"]
+        )
         cluster = LocalCluster(
             n_workers=2,
             processes=True,
@@ -153,13 +156,13 @@ def test_resume_of_half_flagged_cache(client, tiny_models, glue_dir, reference, 
 
 
 def test_unit_job_round_trip(tiny_models, glue_dir):
-    from sherl_cache.backbones import load_tokenizer
-    from sherl_cache.data import load_glue
-    from sherl_cache.extract import tokenize_split
-    from sherl_cache.tasks import get_task
+    from sherl_cache.backbone.frozen import load_tokenizer
+    from sherl_cache.data.files import load_glue
+    from sherl_cache.data.tasks import get_task
+    from sherl_cache.extraction.extract import tokenize_split
 
     split = load_glue(get_task("mrpc"), glue_dir).splits["train"]
-    tokens = tokenize_split(load_tokenizer(tiny_models["bert"]), split, 40)
+    tokens = tokenize_split(get_family("bert"), load_tokenizer(tiny_models["bert"]), split, 40)
     offsets = tokens.offsets
     job = UnitJob.cut(
         tokens, offsets, 2, 256, 384, path="p", store_id="s", layers=(0,), batch_size=4, pad_id=0
@@ -309,7 +312,7 @@ def test_s3_cache_is_bit_identical_and_trainable(
         cache.hidden("validation", 4, 3), open_cache(reference).hidden("validation", 4, 3)
     )
     # Stage two reads the same URL (credentials and endpoint from the environment).
-    from sherl_cache.training import TrainConfig, train
+    from sherl_cache.training.recipe import TrainConfig, train
 
     run = train(
         TrainConfig(
@@ -334,7 +337,7 @@ def test_needs_a_cluster(tiny_models, glue_dir, tmp_path):
 
 
 def test_unreachable_scheduler_is_one_line(monkeypatch, tiny_models, glue_dir, tmp_path):
-    import sherl_cache.distributed as dist
+    import sherl_cache.extraction.distributed as dist
 
     monkeypatch.setattr(dist, "CONNECT_TIMEOUT_S", 1.0)
     config = config_for(tiny_models["bert"], glue_dir, str(tmp_path / "y"))

@@ -8,17 +8,19 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+from conftest import FAMILIES, reference_backbone
+from transformers import AutoModel, AutoTokenizer
 
 from sherl_cache import open_cache
-from sherl_cache.cache import from_storage, hidden_name, to_storage
 from sherl_cache.errors import (
     CacheIncompleteError,
     CacheMismatchError,
     ConfigError,
     NumericOverflowError,
 )
-from sherl_cache.extract import ExtractConfig, extract
+from sherl_cache.extraction.extract import ExtractConfig, extract
+from sherl_cache.runtime import from_storage, to_storage
+from sherl_cache.store.cache import hidden_name
 
 TOLERANCE = {  # absolute/relative tolerance that the storage dtype's rounding allows
     "float32": {"atol": 1e-4, "rtol": 1e-4},
@@ -30,17 +32,15 @@ TOLERANCE = {  # absolute/relative tolerance that the storage dtype's rounding a
 @functools.lru_cache(maxsize=8)
 def reference_model(model_dir, family):
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = (T5EncoderModel if family == "t5" else AutoModel).from_pretrained(model_dir).eval()
-    return tok, model
+    model, accepted = reference_backbone(model_dir, family)
+    return tok, model, accepted
 
 
 def direct_hidden_states(model_dir, family, texts, max_length):
-    tok, model = reference_model(model_dir, family)
+    tok, model, accepted = reference_model(model_dir, family)
     enc = tok(*texts, truncation=True, max_length=max_length, return_tensors="pt")
-    if family == "t5":
-        enc.pop("token_type_ids", None)
     with torch.no_grad():
-        return model(**enc, output_hidden_states=True).hidden_states
+        return model(**accepted(dict(enc)), output_hidden_states=True).hidden_states
 
 
 def small_config(tmp_path, model, glue_dir, **overrides):
@@ -59,13 +59,13 @@ def small_config(tmp_path, model, glue_dir, **overrides):
     return ExtractConfig(**values)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "t5"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_cached_tokens_equal_direct_forward(tmp_path, tiny_models, glue_dir, family, dtype):
     if family == "t5" and dtype == "float16":
         dtype = "bfloat16"
-    from sherl_cache.data import load_glue
-    from sherl_cache.tasks import get_task
+    from sherl_cache.data.files import load_glue
+    from sherl_cache.data.tasks import get_task
 
     result = extract(
         small_config(tmp_path, tiny_models[family], glue_dir, dtype=dtype), progress=False
@@ -239,7 +239,7 @@ def test_unknown_layer_index(tmp_path, tiny_models, glue_dir):
 
 
 def test_default_cache_name_is_readable():
-    from sherl_cache.extract import default_cache_name
+    from sherl_cache.extraction.extract import default_cache_name
 
     def name(model_id):
         return default_cache_name(

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from sherl_cache.errors import ConfigError
-from sherl_cache.fusion import (
+from sherl_cache.training.fusion import (
     FUSION_VARIANTS,
     FusionConfig,
     GatedProjection,

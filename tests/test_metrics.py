@@ -7,8 +7,15 @@ import warnings
 import numpy as np
 import pytest
 
-from sherl_cache.metrics import accuracy, compute_metrics, f1_binary, matthews, pearson, spearman
-from sherl_cache.tasks import get_task
+from sherl_cache.data.metrics import (
+    accuracy,
+    compute_metrics,
+    f1_binary,
+    matthews,
+    pearson,
+    spearman,
+)
+from sherl_cache.data.tasks import get_task
 
 sk = pytest.importorskip("sklearn.metrics")
 stats = pytest.importorskip("scipy.stats")

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from sherl_cache.cli import app
 from sherl_cache.errors import ConfigError
-from sherl_cache.pipeline import load_pipeline, resolve_model, run_pipeline
-from sherl_cache.sweep import read_results
+from sherl_cache.experiments.pipeline import load_pipeline, resolve_model, run_pipeline
+from sherl_cache.experiments.sweep import read_results
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 

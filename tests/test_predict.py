@@ -11,23 +11,23 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import FAMILIES, build_tiny_model
 from typer.testing import CliRunner
 
 from sherl_cache import load_run, open_cache
 from sherl_cache.cli import app
-from sherl_cache.data import load_glue
+from sherl_cache.data.files import load_glue
+from sherl_cache.data.tasks import get_task
 from sherl_cache.errors import CacheMismatchError, ConfigError, DataError, RunError
-from sherl_cache.extract import ExtractConfig, extract
-from sherl_cache.predict import (
+from sherl_cache.extraction.extract import ExtractConfig, extract
+from sherl_cache.inference.predict import (
     Predictions,
     _write_submission,
     evaluate_run,
     load_input,
     write_predictions,
 )
-from sherl_cache.tasks import get_task
-from sherl_cache.training import CachedFeatures, TrainConfig, evaluate, train
+from sherl_cache.training.recipe import CachedFeatures, TrainConfig, evaluate, train
 
 CPU = torch.device("cpu")
 
@@ -81,7 +81,7 @@ def cached_and_online(run_path: Path, glue_dir: Path) -> tuple[np.ndarray, np.nd
 
 @pytest.mark.slow
 @pytest.mark.parametrize("late_mode", ["frozen", "lora"])
-@pytest.mark.parametrize("family", ["bert", "roberta", "t5"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_predictions_equal_cached_evaluation(make_run, glue_dir, family, late_mode):
     """No cache needed: same outputs as training's evaluation, and the reloaded checkpoint
     scores what metrics.json recorded for the best epoch."""

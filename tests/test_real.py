@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from sherl_cache import open_cache
-from sherl_cache.extract import ExtractConfig, extract
-from sherl_cache.training import TrainConfig, train
+from sherl_cache.extraction.extract import ExtractConfig, extract
+from sherl_cache.training.recipe import TrainConfig, train
 
 pytestmark = pytest.mark.real
 

@@ -26,15 +26,11 @@ import zarr
 from typer.testing import CliRunner
 
 from sherl_cache import open_cache
-from sherl_cache.cache import hidden_name
 from sherl_cache.cli import app
-from sherl_cache.errors import (
-    CacheIncompleteError,
-    CacheLockedError,
-    CacheMismatchError,
-)
-from sherl_cache.extract import KILL_AT_ENV, UNIT_DELAY_ENV, ExtractConfig, extract
-from sherl_cache.verify import verify_cache
+from sherl_cache.errors import CacheIncompleteError, CacheLockedError, CacheMismatchError
+from sherl_cache.extraction.extract import KILL_AT_ENV, UNIT_DELAY_ENV, ExtractConfig, extract
+from sherl_cache.store.cache import hidden_name
+from sherl_cache.store.verify import verify_cache
 
 SETTINGS = {  # many small units (16-token chunks, 2 per shard), few stored layers
     "layers": "0,2",  # stores 0, 2 and 3 (the last layer's input is always kept)
@@ -124,7 +120,7 @@ def _cli_child(argv: list[str], env: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def forkserver():
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["sherl_cache.cli", "sherl_cache.extract"])
+    context.set_forkserver_preload(["sherl_cache.cli", "sherl_cache.extraction.extract"])
     return context
 
 
@@ -507,7 +503,7 @@ def test_bad_input(tmp_path, model, case):
         assert list(np.diff(cache.offsets("train"))[:2]) == [2, 2]
     if case == "bom-is-stripped":  # same rows as without the BOM: same content fingerprint
         (tmp_path / "plain.csv").write_text(good_csv())
-        from sherl_cache.data import load_files
+        from sherl_cache.data.files import load_files
 
         plain = load_files({"train": tmp_path / "plain.csv"}, ("sentence",), "label")
         assert cache.manifest["data"]["splits"]["train"]["fingerprint"] == (

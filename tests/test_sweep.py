@@ -15,20 +15,19 @@ import pytest
 from typer.testing import CliRunner
 
 from sherl_cache.cli import app
+from sherl_cache.config.extract import ExtractConfig
+from sherl_cache.config.train import TrainConfig
+from sherl_cache.config.values import Range, parse_fixed, parse_grid, parse_range
 from sherl_cache.errors import ConfigError, RunError
-from sherl_cache.extract import ExtractConfig, extract
-from sherl_cache.sweep import (
-    Range,
+from sherl_cache.experiments.sweep import (
     SweepConfig,
     format_summary,
-    parse_fixed,
-    parse_grid,
-    parse_range,
     read_results,
     run_sweep,
     trial_id,
 )
-from sherl_cache.training import TrainConfig, train
+from sherl_cache.extraction.extract import extract
+from sherl_cache.training.recipe import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Compared between runs; times and memory legitimately differ.
@@ -300,7 +299,7 @@ def test_unreachable_scheduler_fails_before_any_trial(tmp_path, cache):
 
 def test_report_writes_valid_pngs_also_for_a_running_sweep(tmp_path, cache):
     pytest.importorskip("matplotlib")
-    from sherl_cache.report import write_report
+    from sherl_cache.experiments.report import write_report
 
     out = tmp_path / "s"
     run_sweep(small(cache, out, grid={"lr": [1e-2, 3e-2], "seed": [0, 1]}))

@@ -15,15 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sherl_cache.data import (
-    SPLITS,
-    SplitData,
-    load_files,
-    load_glue,
-    parse_data_option,
-)
+from sherl_cache.data.files import SPLITS, SplitData, load_files, load_glue, parse_data_option
+from sherl_cache.data.tasks import GLUE_TASKS, METRIC_NAMES, Problem, custom_task, get_task
 from sherl_cache.errors import ConfigError, DataError
-from sherl_cache.tasks import GLUE_TASKS, METRIC_NAMES, Problem, custom_task, get_task
 
 # --------------------------------------------------------------------------- helpers
 
@@ -363,8 +357,8 @@ def test_fingerprint_is_order_and_label_sensitive_and_stable(glue_dir: Path) -> 
         split.fingerprint()
     )
     code = (
-        "from pathlib import Path; from sherl_cache.data import load_glue; "
-        "from sherl_cache.tasks import get_task; "
+        "from pathlib import Path; from sherl_cache.data.files import load_glue; "
+        "from sherl_cache.data.tasks import get_task; "
         f"print(load_glue(get_task('mrpc'), Path({str(glue_dir)!r})).splits['train'].fingerprint())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,18 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES
 from safetensors.torch import load_file
 
 from sherl_cache import open_cache
-from sherl_cache.backbones import load_backbone
+from sherl_cache.backbone.frozen import load_backbone
 from sherl_cache.errors import CacheMismatchError, ConfigError, RunError
-from sherl_cache.extract import ExtractConfig, extract
-from sherl_cache.training import (
+from sherl_cache.extraction.extract import ExtractConfig, extract
+from sherl_cache.families import get_family
+from sherl_cache.training.recipe import (
     CachedFeatures,
     OnlineFeatures,
     TrainConfig,
     build_model,
-    default_taps,
     fit,
     task_of,
     train,
@@ -51,7 +52,7 @@ def run_config(tmp_path, cache, **overrides):
     return TrainConfig(**values)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "t5"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("late_mode", ["frozen", "full", "lora"])
 def test_cached_training_equals_online_training(tmp_path, caches, tiny_models, family, late_mode):
     """The cache changes cost, not results: same losses and parameter updates as online."""
@@ -143,7 +144,9 @@ def test_modes_change_what_trains(tmp_path, caches):
     )
 
 
-def test_default_taps():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_taps(family):
+    default_taps = get_family(family).default_taps
     assert default_taps(6, 1) == (0, 1, 2, 3, 4, 5)
     assert default_taps(24, 1) == (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 23)
     assert default_taps(24, 2)[-2:] == (21, 22)

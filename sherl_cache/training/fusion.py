@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sherl_cache.errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "FUSION_VARIANTS",

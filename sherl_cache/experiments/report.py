@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingDependencyError, RunError
-from .sweep import collect_rows, format_summary, load_spec, ranked, read_json
+from ..errors import MissingDependencyError, RunError
+from ..experiments.sweep import collect_rows, format_summary, load_spec, ranked, read_json
 
 
 @dataclass

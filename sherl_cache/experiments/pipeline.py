@@ -45,10 +45,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - the tomli fallback is declared in pyproject for 3.10
     import tomli as tomllib
 
-from .errors import ConfigError
-from .extract import ExtractConfig
-from .sweep import SETTABLE, SweepConfig, SweepResult, parse_range, parse_value, run_sweep
-from .tasks import get_task
+from ..config.extract import ExtractConfig
+from ..config.values import SETTABLE, parse_range, parse_value
+from ..data.tasks import get_task
+from ..errors import ConfigError
+from .sweep import SweepConfig, SweepResult, run_sweep
 
 # key -> expected kind; kinds are checked by _check_type.
 _EXTRACT_KEYS: dict[str, str] = {
@@ -326,7 +327,7 @@ def run_pipeline(
     progress: bool = True,
 ) -> list[SweepResult]:
     """For each task: extract unless a matching complete cache exists, then sweep on it."""
-    from .extract import extract
+    from ..extraction.extract import extract
 
     jobs = pipeline.jobs
     if only is not None:

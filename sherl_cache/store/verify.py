@@ -27,15 +27,10 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .cache import Cache, Geometry, hidden_name, open_cache
-from .errors import CacheMismatchError, ModelLoadError, SherlCacheError
+from ..runtime import RTOL
+from ..store.cache import Cache, Geometry, hidden_name, open_cache
 
 EMPTY = 2**64 - 1  # sharding index entry of a chunk that is not in the shard
-
-# Recomputation tolerance: |cached - recomputed| <= RTOL * (|recomputed| + rms(recomputed)).
-# Scaling by the layer's RMS keeps it meaningful for unnormalised residual streams (T5), and
-# the factors leave room for GPU half-precision compute against a CPU float32 recomputation.
-RTOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2}
 
 
 @dataclass(frozen=True)
@@ -392,32 +387,16 @@ def _sample(cache: Cache, n: int, seed: int) -> list[tuple[str, int]]:
 def _load_model(cache: Cache, override: str | None, dtype, device):
     """The backbone the cache names (its id, then the path it was read from), hash-checked
     before the weights are loaded."""
-    from .backbones import inspect_backbone, load_backbone
+    from ..backbone.frozen import load_backbone
+    from ..backbone.hub import verified_model_dir
 
     recorded = cache.manifest["model"]
     candidates = (
         [override] if override else [recorded["model_id"], cache.manifest.get("model_path")]
     )
-    last: SherlCacheError | None = None
-    for candidate in dict.fromkeys(filter(None, candidates)):
-        try:
-            info = inspect_backbone(candidate, recorded.get("revision"))
-        except ModelLoadError as exc:
-            last = exc
-            continue
-        if info.weights_sha256 != recorded["weights_sha256"]:
-            raise CacheMismatchError(
-                f"model {candidate!r} is not the one cache {cache.path} was made with (field "
-                f"model.weights_sha256: cache has {recorded['weights_sha256'][:12]}…, model has "
-                f"{info.weights_sha256[:12]}…); pass --model with the original"
-            )
-        net, _, _ = load_backbone(
-            candidate, revision=recorded.get("revision"), dtype=dtype, device=device
-        )
-        return net
-    raise ModelLoadError(
-        f"cannot load the model cache {cache.path} was made with ({last}); pass --model PATH"
-    )
+    path = verified_model_dir(recorded, candidates, f"cache {cache.path}", "model.weights_sha256")
+    net, _, _ = load_backbone(path, revision=recorded.get("revision"), dtype=dtype, device=device)
+    return net
 
 
 def _recompute(
@@ -425,13 +404,13 @@ def _recompute(
 ) -> None:
     import torch
 
-    from .extract import _forward_parameters, resolve_device
+    from ..families import get_family
+    from ..runtime import compute_dtype, resolve_device
 
     where = resolve_device(device)  # type: ignore[arg-type]
     dtype = cache.dtype
-    compute = torch.float32 if where.type == "cpu" or dtype == "float32" else getattr(torch, dtype)
-    net = _load_model(cache, model, compute, where)
-    accepts_types = "token_type_ids" in _forward_parameters(net)
+    net = _load_model(cache, model, compute_dtype(where, dtype), where)
+    accepts_types = get_family(cache.manifest["model"]["family"]).uses_token_type_ids
     worst = 0.0
     for split, i in _sample(cache, n, seed):
         start, stop = int(cache.offsets(split)[i]), int(cache.offsets(split)[i + 1])

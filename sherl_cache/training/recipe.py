@@ -16,145 +16,42 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import __version__
-from .backbones import LateRoute, build_late_route, resolve_model_dir
-from .cache import STORAGE_DTYPES, Cache, from_storage, open_cache
-from .errors import CacheMismatchError, ConfigError, RunError
-from .extract import resolve_device
-from .fusion import FUSION_VARIANTS, FusionConfig, MTSAFusion
-from .layers import parse_layer_spec
-from .memory import MemoryMeter
-from .metrics import compute_metrics
-from .tasks import Problem, TaskSpec, custom_task, get_task
-
-LateMode = Literal["frozen", "full", "lora"]
-LATE_MODES = ("frozen", "full", "lora")
-Pool = Literal["mean", "first"]
-POOLS = ("mean", "first")
-DEVICES = ("auto", "cpu", "cuda")
-
-# Modules LoRA adapts in each family's late layers (attention and feed-forward projections).
-LORA_TARGETS = {
-    "bert": ["query", "key", "value", "dense"],
-    "roberta": ["query", "key", "value", "dense"],
-    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
-}
+from .. import __version__
+from ..backbone.hub import backbone_parameter_count, verified_model_dir
+from ..backbone.late import build_late_route
+from ..config.train import DEFAULT_MEMORY_BUDGET, Pool, TrainConfig
+from ..data.metrics import compute_metrics
+from ..data.tasks import Problem, TaskSpec, custom_task, get_task
+from ..errors import CacheMismatchError, ConfigError, RunError
+from ..families import Family, LateRoute, get_family
+from ..layers import parse_layer_spec
+from ..runtime import STORAGE_DTYPES, from_storage, resolve_device
+from ..store.cache import Cache, open_cache
+from ..training.fusion import FusionConfig, MTSAFusion
+from ..training.memory import MemoryMeter
 
 
-DEFAULT_MEMORY_BUDGET = 4 << 30  # host bytes of cached states one split may hold at once
+def family_of_cache(cache: Cache) -> Family:
+    return get_family(cache.manifest["model"]["family"])
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything ``sherl-cache train`` takes; validated on creation, errors name the flag."""
-
-    cache: str
-    out: Path
-    task: str | None = None
-    tap: str = "default"
-    late_layers: int = 1
-    late_mode: LateMode = "frozen"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    reduction: int = 8
-    fusion_variant: str = "linear"
-    fusion_dropout: float = 0.1
-    head_dropout: float = 0.1
-    pool: Pool = "mean"
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    epochs: int = 20
-    batch_size: int = 100
-    seed: int = 0
-    train_split: str = "train"
-    eval_split: str = "validation"
-    device: str = "auto"
-    max_train_examples: int | None = None
-    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET >> 20  # host memory for cached states per split
-    model: str | None = None  # where the late layers' weights are read; default: the cache's
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.late_layers >= 1, f"--late-layers must be at least 1, got {self.late_layers}"),
-            (
-                self.late_mode in LATE_MODES,
-                f"unknown --late-mode {self.late_mode!r}: choose frozen, full, lora",
-            ),
-            (self.lora_rank >= 1, f"--lora-rank must be positive, got {self.lora_rank}"),
-            (self.reduction >= 1, f"--reduction must be at least 1, got {self.reduction}"),
-            (
-                self.fusion_variant in FUSION_VARIANTS,
-                f"unknown --fusion-variant {self.fusion_variant!r}",
-            ),
-            (
-                0 <= self.fusion_dropout < 1,
-                f"--fusion-dropout must be in [0, 1), got {self.fusion_dropout}",
-            ),
-            (
-                0 <= self.head_dropout < 1,
-                f"--head-dropout must be in [0, 1), got {self.head_dropout}",
-            ),
-            (self.pool in POOLS, f"unknown --pool {self.pool!r}: choose mean or first"),
-            (
-                self.lr > 0 and math.isfinite(self.lr),
-                f"--lr must be a positive number, got {self.lr}",
-            ),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (
-                0 <= self.warmup_ratio < 1,
-                f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}",
-            ),
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
-            (self.device in DEVICES, f"unknown --device {self.device!r}: choose auto, cpu, cuda"),
-            (
-                self.max_train_examples is None or self.max_train_examples >= 1,
-                "--max-train-examples must be positive",
-            ),
-            (self.memory_budget_mb >= 1, "--memory-budget-mb must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["out"] = str(self.out)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["out"] = Path(values["out"])
-        return cls(**values)
-
-
-def default_taps(num_layers: int, k: int) -> tuple[int, ...]:
-    """SHERL's tapped layers for a depth: every state below the split for shallow models
-    (the BERT route of the reference code), and for deep ones (T5-large's GLUE setting)
-    every second state plus the two just below the split."""
-    split = num_layers - k
-    if split <= 12:
-        return tuple(range(split + 1))
-    return tuple(sorted(set(range(0, split + 1, 2)) | {split - 1, split}))
-
-
-def resolve_taps(spec: str, num_layers: int, k: int, stored: Sequence[int]) -> tuple[int, ...]:
+def resolve_taps(spec: str, cache: Cache, k: int) -> tuple[int, ...]:
+    """The hidden-state indices the fusion reads: ``default`` is the family's choice for the
+    depth, limited to what the cache stores; explicit forms must lie at or below the split."""
+    num_layers, stored = cache.num_layers, cache.layers
     split = num_layers - k
     if spec == "default":
-        taps = tuple(t for t in default_taps(num_layers, k) if t in stored or t == split)
+        defaults = family_of_cache(cache).default_taps(num_layers, k)
+        taps = tuple(t for t in defaults if t in stored or t == split)
     else:
         taps = parse_layer_spec(spec, num_layers, flag="--tap")
     above = [t for t in taps if t > split]
@@ -303,9 +200,7 @@ class OnlineFeatures:
         self.ids = [cache.input_ids(split, i) for i in range(count)]
         types = [cache.token_type_ids(split, i) for i in range(count)]
         self.types = None if types and types[0] is None else types
-        import inspect
-
-        self.accepts_types = "token_type_ids" in inspect.signature(backbone.forward).parameters
+        self.accepts_types = family_of_cache(cache).uses_token_type_ids
 
     def __len__(self) -> int:
         return self.count
@@ -401,7 +296,8 @@ def build_model(
         from peft import LoraConfig, inject_adapter_in_model
 
         present = {name.rsplit(".", 1)[-1] for name, _ in model.late.named_modules()}
-        targets = [t for t in LORA_TARGETS[identity["family"]] if t in present]
+        wanted = get_family(identity["family"]).lora_targets
+        targets = [t for t in wanted if t in present]
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
         inject_adapter_in_model(lora, model.late)
         for name, param in model.late.named_parameters():
@@ -631,49 +527,13 @@ def find_cache(cache_root: Path, task: str | None, model: str | None) -> str:
     )
 
 
-def verified_weights(
-    recorded: Mapping[str, Any],
-    candidates: Sequence[str | None],
-    owner: str,
-    field_name: str,
-) -> str:
-    """The folder of the first candidate model that loads, refused unless its weights hash
-    equals the recorded one: late layers (and, for prediction, the lower ones) must be the
-    exact weights the features were computed with.
-
-    ``recorded`` is a manifest's ``model`` identity; ``owner`` names the cache or run in
-    messages, ``field_name`` the recorded field a mismatch is reported against.
-    """
-    from .backbones import inspect_backbone
-
-    last_error: Exception | None = None
-    for candidate in filter(None, candidates):
-        try:
-            info = inspect_backbone(candidate, recorded.get("revision"))
-        except Exception as exc:  # noqa: BLE001 - try the next candidate, report the last
-            last_error = exc
-            continue
-        if info.weights_sha256 != recorded["weights_sha256"]:
-            raise CacheMismatchError(
-                f"model {candidate!r} is not the one {owner} was made with "
-                f"(field {field_name}: recorded {recorded['weights_sha256'][:12]}…, "
-                f"model has {info.weights_sha256[:12]}…); pass --model with the original, or "
-                f"make a cache of this model: sherl-cache extract --model {candidate} ..."
-            )
-        return str(resolve_model_dir(candidate, recorded.get("revision"))[0])
-    raise CacheMismatchError(
-        f"cannot find the weights of {recorded['model_id']!r} that {owner} was made "
-        f"with ({last_error}); pass --model PATH"
-    )
-
-
 def late_weights_path(cache: Cache, override: str | None) -> str:
     """The checkpoint the late layers come from, checked against the cache's weights hash."""
     recorded = cache.manifest["model"]
     candidates = (
         [override] if override else [recorded["model_id"], cache.manifest.get("model_path")]
     )
-    return verified_weights(recorded, candidates, f"cache {cache.path}", "model.weights_sha256")
+    return verified_model_dir(recorded, candidates, f"cache {cache.path}", "model.weights_sha256")
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
@@ -700,7 +560,7 @@ def train(
             f"--late-layers must be between 1 and {num_layers}, got {config.late_layers}"
         )
     split = num_layers - config.late_layers
-    taps = resolve_taps(config.tap, num_layers, config.late_layers, cache.layers)
+    taps = resolve_taps(config.tap, cache, config.late_layers)
     missing = sorted((set(taps) | {split}) - set(cache.layers))
     if missing:
         raise CacheMismatchError(
@@ -768,7 +628,7 @@ def train(
     added = sum(
         p.numel() for n, p in model.named_parameters() if not n.startswith("late.") or "lora_" in n
     )
-    total = backbone_parameter_count(model_path) + added
+    total = backbone_parameter_count(model_path, family_of_cache(cache)) + added
     metrics = {
         "task": task.name,
         "main_metric": task.main_metric,
@@ -793,20 +653,6 @@ def _epoch_dict(epoch: EpochResult | None) -> dict[str, Any]:
     if epoch is None:
         return {}
     return {"epoch": epoch.epoch, "loss": epoch.loss, **epoch.metrics}
-
-
-def backbone_parameter_count(model_path: str) -> int:
-    """Parameters of the extraction backbone, from safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
-
-    total = 0
-    for file in sorted(Path(model_path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                if name.startswith(("decoder.", "lm_head.")):
-                    continue  # T5's decoder is not part of the encoder backbone
-                total += math.prod(handle.get_slice(name).get_shape())
-    return total
 
 
 def copy_config(config: TrainConfig, **changes: Any) -> TrainConfig:

@@ -45,9 +45,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from distributed import WorkerPlugin
 
-from .cache import Cache, Geometry, open_store
-from .cluster import connect
-from .errors import CacheError, CacheMismatchError, ConfigError, NumericOverflowError
+from ..cluster import connect
+from ..errors import CacheError, CacheMismatchError, ConfigError, NumericOverflowError
+from ..families import get_family
+from ..runtime import resolve_device
+from ..store.cache import Cache, Geometry, open_store
 from .extract import (
     _TORN,
     ExtractConfig,
@@ -64,7 +66,6 @@ from .extract import (
     finish_extraction,
     load_extraction_model,
     plan_extraction,
-    resolve_device,
     run_unit,
 )
 
@@ -469,7 +470,7 @@ def _open_or_create(
 def _jobs(plan: ExtractPlan, root, config: ExtractConfig) -> tuple[list[UnitJob], int]:
     """A job for every unit not yet flagged, and how many units the cache has in all."""
     path = plan.path if is_url(plan.path) else os.path.abspath(plan.path)
-    pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else 0
+    pad_id = get_family(plan.info.family).pad_id(plan.tokenizer)
     common = {
         "path": path,
         "store_id": str(root.attrs.get("created", "")),

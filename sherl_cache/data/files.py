@@ -28,8 +28,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from sherl_cache.errors import ConfigError, DataError
-from sherl_cache.tasks import (
+from ..data.tasks import (
     HUB_ID_COLUMN,
     HUB_LABEL_COLUMN,
     Problem,
@@ -37,6 +36,7 @@ from sherl_cache.tasks import (
     custom_task,
     normalise_name,
 )
+from ..errors import ConfigError, DataError
 
 __all__ = ["SPLITS", "Dataset", "SplitData", "load_files", "load_glue", "parse_data_option"]
 

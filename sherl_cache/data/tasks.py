@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
 
-from sherl_cache.errors import ConfigError
+from ..errors import ConfigError
 
 # Metric names as the GLUE leaderboard spells them; metrics.py implements exactly these.
 METRIC_NAMES = ("accuracy", "f1", "matthews", "pearson", "spearman")

@@ -34,16 +34,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from .errors import CacheError, CacheIncompleteError
+from ..errors import CacheError, CacheIncompleteError
+from ..runtime import STORAGE_DTYPES, from_storage
 
 FORMAT_VERSION = 1
-StorageDtype = Literal["float32", "float16", "bfloat16"]
-STORAGE_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(np.uint16),  # not a Zarr dtype: the raw bits, recorded in attrs
-}
-FLOAT16_MAX = 65504.0
 CHUNK_TARGET_BYTES = 1 << 20
 UNIT_BUDGET_BYTES = 256 << 20  # one unit's buffer across all stored layers
 MAX_CHUNKS_PER_SHARD = 32
@@ -82,22 +76,6 @@ def compressors() -> list:
         BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle),
         Crc32cCodec(),
     ]
-
-
-def to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 array -> the stored representation (bfloat16 as round-to-nearest-even bits)."""
-    if dtype == "bfloat16":
-        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-        return ((bits + rounding) >> 16).astype(np.uint16)
-    return values.astype(STORAGE_DTYPES[dtype], copy=False)
-
-
-def from_storage(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored representation -> float32."""
-    if dtype == "bfloat16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values.astype(np.float32, copy=False)
 
 
 def cache_key(manifest: Mapping[str, Any]) -> str:

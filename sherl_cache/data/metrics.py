@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sherl_cache.tasks import Problem, TaskSpec
+from ..data.tasks import Problem, TaskSpec
 
 __all__ = ["accuracy", "compute_metrics", "f1_binary", "matthews", "pearson", "spearman"]
 

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .backbones import load_backbone, run_lower_layers
-from .cache import Cache, open_cache
-from .data import SplitData, load_files, load_glue
-from .errors import (
+from ..backbone.frozen import load_backbone, run_lower_layers
+from ..backbone.hub import verified_model_dir
+from ..data.files import SplitData, load_files, load_glue
+from ..data.metrics import compute_metrics
+from ..data.tasks import HUB_LABEL_COLUMN, Problem, TaskSpec
+from ..errors import (
     CacheMismatchError,
     ConfigError,
     DataError,
@@ -37,19 +39,17 @@ from .errors import (
     RunError,
     SherlCacheError,
 )
-from .metrics import compute_metrics
-from .tasks import HUB_LABEL_COLUMN, Problem, TaskSpec
-from .training import (
-    DEVICES,
+from ..families import get_family
+from ..runtime import DEVICES, resolve_device, round_to_storage
+from ..store.cache import Cache, open_cache
+from ..training.recipe import (
     Batch,
     CachedFeatures,
     SherlModel,
     TrainConfig,
     build_model,
     evaluate,
-    resolve_device,
     task_from_record,
-    verified_weights,
 )
 
 __all__ = [
@@ -179,13 +179,6 @@ def check_output_format(output: Path) -> None:
 # --- features computed on the fly ----------------------------------------------------------
 
 
-def _as_stored(states: Tensor, dtype: str) -> Tensor:
-    """Round float32 states as the cache stores them (round to nearest even, like to_storage)."""
-    if dtype == "float32":
-        return states
-    return states.to(getattr(torch, dtype)).float()
-
-
 class TextFeatures:
     """A ``FeatureSource`` over tokenised text: the frozen backbone runs up to the split."""
 
@@ -199,12 +192,9 @@ class TextFeatures:
         dtype: str,
         pad_id: int,
     ) -> None:
-        import inspect
-
         self.backbone, self.taps, self.last, self.dtype = backbone, list(taps), last, dtype
         self.input_ids, self.pad_id = input_ids, pad_id
-        accepts = "token_type_ids" in inspect.signature(backbone.forward).parameters
-        self.token_type_ids = token_type_ids if accepts else None
+        self.token_type_ids = token_type_ids
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -232,7 +222,7 @@ class TextFeatures:
         keep = mask[..., None].float()
 
         def feature(layer: int) -> Tensor:
-            return _as_stored(states[layer].float(), self.dtype) * keep
+            return round_to_storage(states[layer].float(), self.dtype) * keep
 
         return Batch([feature(t) for t in self.taps], feature(self.last), mask, None)
 
@@ -261,6 +251,7 @@ class Run:
         self.dtype: str = record["dtype"]
         self.max_length: int = int(record["max_length"])
         self.model, self.model_path, self.device = model, model_path, device
+        self.family = get_family(record["backbone"]["family"])
         self._backbone: tuple[nn.Module, Any] | None = None
 
     def __repr__(self) -> str:
@@ -270,10 +261,10 @@ class Run:
     def backbone(self) -> tuple[nn.Module, Any]:
         """The frozen backbone on the run's device and its tokenizer (checked against the run)."""
         if self._backbone is None:
-            from .extract import tokenizer_identity
+            from ..backbone.frozen import tokenizer_identity
 
             net, tokenizer, info = load_backbone(self.model_path, device=self.device)
-            found = tokenizer_identity(tokenizer, Path(info.path))
+            found = tokenizer_identity(tokenizer, Path(info.path), self.family)
             for name, recorded in self.record["tokenizer"].items():
                 if name != "name" and found.get(name) != recorded:
                     raise ModelLoadError(
@@ -313,7 +304,7 @@ class Run:
         self, split: SplitData, *, batch_size: int = 32, progress: bool = False
     ) -> Predictions:
         """Predictions for every row of ``split``, computed from its text."""
-        from .extract import tokenize_split
+        from ..extraction.extract import tokenize_split
 
         _check_batch_size(batch_size)
         if len(split.texts) != len(self.task.text_columns):
@@ -324,8 +315,8 @@ class Run:
         if len(split) == 0:
             return Predictions([], self._empty_outputs(), self.task)
         backbone, tokenizer = self.backbone()
-        tokens = tokenize_split(tokenizer, split, self.max_length)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        tokens = tokenize_split(self.family, tokenizer, split, self.max_length)
+        pad_id = self.family.pad_id(tokenizer)
         source = TextFeatures(
             backbone,
             tokens.input_ids,
@@ -446,7 +437,7 @@ def load_run(path: str | Path, *, model: str | None = None, device: str = "auto"
     task = task_from_record(record["task_spec"], f"run {path}")
     backbone = record["backbone"]
     candidates = [model] if model else [backbone.get("model_id"), record.get("model_path")]
-    model_path = verified_weights(backbone, candidates, f"run {path}", "backbone.weights_sha256")
+    model_path = verified_model_dir(backbone, candidates, f"run {path}", "backbone.weights_sha256")
     with torch.random.fork_rng(devices=[]):  # build_model seeds; keep the caller's RNG
         net = build_model(config, backbone, task, taps, model_path)
     _load_checkpoint(net, path / CHECKPOINT)

@@ -25,21 +25,38 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__
-from .backbones import BackboneInfo, inspect_backbone, load_backbone, load_tokenizer
-from .cache import (
-    CREATING,
+from .. import __version__
+from ..backbone.frozen import load_backbone, load_tokenizer, tokenizer_identity
+from ..backbone.hub import BackboneInfo, inspect_backbone
+from ..config.extract import ExtractConfig
+from ..data.files import Dataset, SplitData, load_files, load_glue
+from ..data.tasks import get_task
+from ..errors import (
+    CacheError,
+    CacheLockedError,
+    CacheMismatchError,
+    ConfigError,
+    NumericOverflowError,
+)
+from ..families import Family, get_family
+from ..layers import parse_layer_spec
+from ..runtime import (
     FLOAT16_MAX,
-    FORMAT_VERSION,
     STORAGE_DTYPES,
+    compute_dtype,
+    resolve_device,
+    storage_tensor,
+)
+from ..store.cache import (
+    CREATING,
+    FORMAT_VERSION,
     Cache,
     Geometry,
-    StorageDtype,
     cache_key,
     create_split,
     creation_marker,
@@ -48,19 +65,6 @@ from .cache import (
     open_store,
     writable,
 )
-from .data import Dataset, SplitData, load_files, load_glue
-from .errors import (
-    CacheError,
-    CacheLockedError,
-    CacheMismatchError,
-    ConfigError,
-    NumericOverflowError,
-)
-from .layers import parse_layer_spec
-from .tasks import get_task
-
-Device = Literal["auto", "cpu", "cuda"]
-DEVICES = ("auto", "cpu", "cuda")
 
 # Test hooks for the crash tests (tests/test_reliability.py); unset in normal use.
 KILL_AT_ENV = "SHERL_CACHE_TEST_KILL_AT"  # SIGKILL this process at the named point
@@ -71,54 +75,6 @@ def fault_point(name: str) -> None:
     """Die here, hard, if a crash test asked for it: aims a real SIGKILL at an exact moment."""
     if os.environ.get(KILL_AT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything ``sherl-cache extract`` takes; validated on creation."""
-
-    model: str
-    task: str | None = None
-    data_dir: Path | None = None
-    data_files: Mapping[str, Path] | None = None
-    text_columns: tuple[str, ...] | None = None
-    label_column: str | None = None
-    layers: str = "all"
-    dtype: StorageDtype | None = None  # None: bfloat16 for T5 (fp16 overflows), else float16
-    max_length: int = 128
-    batch_size: int = 32
-    device: Device = "auto"
-    cache: str | None = None
-    cache_root: Path = Path("cache")
-    splits: tuple[str, ...] | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    chunk_tokens: int | None = None
-    shard_chunks: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.task is None and not self.data_files:
-            raise ConfigError("nothing to extract: pass --task NAME and/or --data split=FILE,...")
-        if self.data_files and self.task is None and not self.text_columns:
-            raise ConfigError("--data without --task needs --text-columns (one or two names)")
-        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
-            raise ConfigError("--text-columns takes one or two column names")
-        if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
-            raise ConfigError(
-                f"unknown dtype {self.dtype!r} (--dtype): choose float32, float16 or bfloat16"
-            )
-        if self.device not in DEVICES:
-            raise ConfigError(f"unknown device {self.device!r} (--device): choose auto, cpu, cuda")
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
-        for flag, value in (
-            ("--chunk-tokens", self.chunk_tokens),
-            ("--shard-chunks", self.shard_chunks),
-        ):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} must be positive, got {value}")
 
 
 @dataclass
@@ -177,12 +133,11 @@ class TokenizedSplit:
         return np.concatenate([[0], np.cumsum(lengths)])
 
 
-def tokenize_split(tokenizer, split: SplitData, max_length: int) -> TokenizedSplit:
+def tokenize_split(family: Family, tokenizer, split: SplitData, max_length: int) -> TokenizedSplit:
     """Tokenise a whole split up front: cheap, and it fixes every example's token offset."""
-    texts = [list(column) for column in split.texts]
-    full = tokenizer(*texts, truncation=False, add_special_tokens=True, verbose=False)
+    full = family.encode(tokenizer, split.texts, None)
     truncated = sum(len(ids) > max_length for ids in full["input_ids"])
-    encoded = tokenizer(*texts, truncation=True, max_length=max_length, verbose=False)
+    encoded = family.encode(tokenizer, split.texts, max_length)
     return TokenizedSplit(
         name=split.name,
         input_ids=encoded["input_ids"],
@@ -191,23 +146,6 @@ def tokenize_split(tokenizer, split: SplitData, max_length: int) -> TokenizedSpl
         labels=split.labels,
         fingerprint=split.fingerprint(),
     )
-
-
-def tokenizer_identity(tokenizer, model_dir: Path) -> dict[str, Any]:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json", "merges.txt"):
-        path = Path(model_dir) / name
-        if path.is_file():
-            digest.update(name.encode() + path.read_bytes())
-    return {
-        "name": str(getattr(tokenizer, "name_or_path", "")),
-        "class": type(tokenizer).__name__,
-        "vocab_size": len(tokenizer),
-        "files_sha256": digest.hexdigest(),
-        "padding_side": "right",
-    }
 
 
 # --- manifest and paths --------------------------------------------------------------------
@@ -320,14 +258,6 @@ def cache_lock(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def resolve_device(device: Device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(device)
 
 
 def reproduce_command(config: ExtractConfig) -> str:
@@ -446,12 +376,6 @@ def _write_error(error: BaseException) -> BaseException:
     return error
 
 
-def _storage_tensor(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
-    if dtype == "bfloat16":
-        return hidden.to(torch.bfloat16).view(torch.int16)
-    return hidden.to(getattr(torch, dtype))
-
-
 def unit_examples(offsets: np.ndarray, start: int, stop: int) -> tuple[int, int]:
     """The examples [first, last) whose tokens overlap the token range [start, stop)."""
     first = int(np.searchsorted(offsets, start, side="right")) - 1
@@ -496,17 +420,14 @@ def load_extraction_model(
     The CPU always computes in float32 and rounds on storage (exact within the storage dtype);
     a GPU computes in the storage dtype. T5 takes no ``token_type_ids``.
     """
-    compute_dtype = (
-        torch.float32 if device.type == "cpu" or dtype == "float32" else getattr(torch, dtype)
-    )
     net, _, info = load_backbone(
         model,
         revision=revision,
-        dtype=compute_dtype,
+        dtype=compute_dtype(device, dtype),
         device=str(device),
         trust_remote_code=trust_remote_code,
     )
-    accepts_types = "token_type_ids" in _forward_parameters(net)
+    accepts_types = get_family(info.family).uses_token_type_ids
 
     def forward_kwargs(inputs: dict) -> dict:
         if accepts_types:
@@ -551,7 +472,7 @@ def run_unit(
             for layer in layers:
                 if dtype == "float16":
                     _check_float16(states[layer], keep, layer, batch, tokens.name)
-                stored.append(_storage_tensor(states[layer], dtype).cpu().numpy())
+                stored.append(storage_tensor(states[layer], dtype).cpu().numpy())
         if buffer is None:
             shape = (len(layers), stop - start, stored[0].shape[-1])
             buffer = np.zeros(shape, dtype=STORAGE_DTYPES[dtype])
@@ -605,10 +526,11 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
     layers = tuple(
         sorted(set(parse_layer_spec(config.layers, info.num_layers)) | {info.num_layers - 1})
     )
-    dtype = config.dtype or ("bfloat16" if info.family == "t5" else "float16")
+    family = get_family(info.family)
+    dtype = config.dtype or family.default_dtype
     tokenizer = load_tokenizer(info.path, trust_remote_code=config.trust_remote_code)
     tokenized = {
-        name: tokenize_split(tokenizer, split, config.max_length)
+        name: tokenize_split(family, tokenizer, split, config.max_length)
         for name, split in dataset.splits.items()
     }
     geometry = Geometry.choose(
@@ -617,7 +539,7 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
     manifest = build_manifest(
         config,
         info,
-        tokenizer_identity(tokenizer, Path(info.path)),
+        tokenizer_identity(tokenizer, Path(info.path), family),
         dataset,
         tokenized,
         layers,
@@ -682,7 +604,7 @@ def extract(
                 trust_remote_code=config.trust_remote_code,
             )
 
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_id = get_family(info.family).pad_id(tokenizer)
         writer = UnitWriter(root, layers)
         try:
             for name, tokens in tokenized.items():
@@ -753,12 +675,6 @@ def _transformers_bars(enabled: bool) -> Iterator[None]:
     finally:
         if was_enabled and not enabled:
             hf_logging.enable_progress_bar()
-
-
-def _forward_parameters(model) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
 
 
 def _progress_bar(split: str, total: int, enabled: bool):

@@ -1,0 +1,1 @@
+"""Tasks, the files and GLUE folders they are read from, and their metrics."""

@@ -1,0 +1,1 @@
+"""Many runs over one cache: sweeps, declarative pipelines and reports."""

@@ -1,0 +1,144 @@
+"""The interface every backbone family implements, and the late route built from it.
+
+SHERL caches a frozen backbone's hidden states and trains on top of them, so for each
+architecture the tool must know how to load it, feed it text, find its layer stack, and rebuild
+its last k layers on their own so that they reproduce exactly what the full model computes from
+hidden state L-k. All of that lives in one ``Family`` subclass per architecture; nothing outside
+this package branches on a family's name. Layers come from transformers' own classes so the
+maths cannot drift from the reference model.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+
+# One attention kernel for every rebuilt layer, so the additive float mask below always applies.
+ATTN_IMPLEMENTATION = "sdpa"
+# Files that identify a tokenizer's vocabulary (hashed into the cache manifest).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json", "merges.txt")
+
+
+class Family(ABC):
+    """What one backbone family needs: how to load it, feed it, and run its late layers."""
+
+    name: ClassVar[str]
+    # ``config.model_type`` values this family handles.
+    model_types: ClassVar[tuple[str, ...]]
+    # Checkpoint path of the layer list (after any base-model prefix), e.g. "encoder.layer.".
+    stack: ClassVar[str]
+    # Storage dtype when the user names none (float16 overflows some families' activations).
+    default_dtype: ClassVar[str] = "float16"
+    default_pool: ClassVar[str] = "mean"
+    # Module names PEFT's LoRA adapts in the late layers (attention and feed-forward).
+    lora_targets: ClassVar[tuple[str, ...]]
+    # Whether the backbone's forward embeds segment ids (BERT-style sentence pairs).
+    uses_token_type_ids: ClassVar[bool] = True
+    tokenizer_files: ClassVar[tuple[str, ...]] = TOKENIZER_FILES
+    # Checkpoint tensor prefixes that are not part of the cached backbone (a seq2seq decoder).
+    outside_backbone: ClassVar[tuple[str, ...]] = ()
+
+    # --- the frozen backbone -------------------------------------------------------------
+    @abstractmethod
+    def load_model(self, path: Path, *, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+        """The headless model whose ``hidden_states`` are cached."""
+
+    @abstractmethod
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The transformer layer list of a model returned by ``load_model``."""
+
+    def encode(
+        self, tokenizer: Any, columns: Sequence[Sequence[str]], max_length: int | None
+    ) -> dict[str, list[list[int]]]:
+        """Token ids of one or two text columns (``max_length=None``: no truncation).
+
+        The tokenizer's own special tokens and pair template; segment ids only where the
+        backbone reads them.
+        """
+        texts = [list(column) for column in columns]
+        truncation = (
+            {"truncation": False}
+            if max_length is None
+            else {
+                "truncation": True,
+                "max_length": max_length,
+            }
+        )
+        encoded = tokenizer(*texts, add_special_tokens=True, verbose=False, **truncation)
+        out = {"input_ids": encoded["input_ids"]}
+        if self.uses_token_type_ids and encoded.get("token_type_ids") is not None:
+            out["token_type_ids"] = encoded["token_type_ids"]
+        return out
+
+    def pad_id(self, tokenizer: Any) -> int:
+        """The id padding positions hold (masked out, so any valid id is exact)."""
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def default_taps(self, num_layers: int, k: int) -> tuple[int, ...]:
+        """SHERL's tapped states for a depth: every state below the split for shallow models
+        (the BERT route of the reference code), and for deep ones (T5-large's GLUE setting)
+        every second state plus the two just below the split."""
+        split = num_layers - k
+        if split <= 12:
+            return tuple(range(split + 1))
+        return tuple(sorted(set(range(0, split + 1, 2)) | {split - 1, split}))
+
+    # --- the late route ------------------------------------------------------------------
+    def route_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        """A private copy set to the attention kernel the route's additive masks are built for."""
+        config = copy.deepcopy(config)
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        return config
+
+    @abstractmethod
+    def build_layer(self, config: PretrainedConfig, index: int) -> nn.Module:
+        """One layer as the full model builds it at ``index`` (on whatever device is current)."""
+
+    def build_extras(self, config: PretrainedConfig) -> dict[str, nn.Module]:
+        """Modules besides the layers the route needs (final norm, position bias, ...)."""
+        return {}
+
+    def extra_tensors(self, config: PretrainedConfig) -> dict[str, str]:
+        """Checkpoint name prefix -> route name prefix, for the tensors of ``build_extras``."""
+        return {}
+
+    @abstractmethod
+    def run(self, route: LateRoute, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """Apply the route's layers (and extras) the way the full model's forward does."""
+
+
+def additive_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) 1/0 mask -> (B, 1, 1, T) of 0 / dtype min, which both eager and sdpa add to scores."""
+    keep = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
+class LateRoute(nn.Module):
+    """The last k pre-trained layers (plus the family's final norm) as a standalone module.
+
+    Input is hidden state ``first_layer = L - k`` as cached; output equals the backbone's
+    ``hidden_states[L]``. Train mode applies the config's dropout like the full model does.
+    """
+
+    def __init__(self, family: Family, config: PretrainedConfig, num_layers: int, k: int) -> None:
+        super().__init__()
+        self.family = family
+        self.config = config
+        self.num_layers = num_layers
+        self.k = k
+        self.first_layer = num_layers - k
+        self.layers = nn.ModuleList(
+            family.build_layer(config, index) for index in range(self.first_layer, num_layers)
+        )
+        self.extras = nn.ModuleDict(family.build_extras(config))
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """hidden (B, T, d) and attention_mask (B, T), 1 for real tokens, 0 for padding."""
+        return self.family.run(self, hidden, attention_mask)

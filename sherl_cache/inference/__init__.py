@@ -1,0 +1,1 @@
+"""Using a trained run: predict new examples and score splits."""

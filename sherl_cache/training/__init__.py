@@ -1,0 +1,1 @@
+"""Stage two: train the SHERL fusion, the late route and a head from cached hidden states."""

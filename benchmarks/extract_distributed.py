@@ -35,7 +35,8 @@ try:
 except ImportError:  # imported as benchmarks.extract_distributed
     from benchmarks._common import glue_dir, log, machine, minilm_path
 
-from sherl_cache.extraction.distributed import _cluster, extract_distributed
+from sherl_cache.cluster import local_cluster
+from sherl_cache.extraction.distributed import extract_distributed
 from sherl_cache.extraction.extract import ExtractConfig, extract
 
 
@@ -106,7 +107,7 @@ def main() -> None:
             log(f"single process: {single[-1]:.2f} s, {tokens} tokens, {units} units")
             for n in counts:
                 began = time.perf_counter()
-                with _cluster(config(path), n, None, None, lambda _: None) as cluster:
+                with local_cluster(n, device="cpu", name="bench") as cluster:
                     cluster.client.wait_for_workers(n)
                     started = time.perf_counter() - began
                     began = time.perf_counter()

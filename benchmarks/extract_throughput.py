@@ -45,9 +45,12 @@ try:
 except ImportError:  # imported as benchmarks.extract_throughput
     from benchmarks._common import build_t5_encoder, glue_dir, log, machine, minilm_path
 
+import sherl_cache.extraction.engine as engine
 import sherl_cache.extraction.extract as ex
 from sherl_cache.backbone.frozen import load_backbone, load_tokenizer
 from sherl_cache.backbone.hub import _sha256_cached, inspect_backbone
+from sherl_cache.config.extract import ExtractConfig
+from sherl_cache.extraction.inputs import load_dataset, tokenize_split, unit_batches, unit_examples
 from sherl_cache.families import get_family
 from sherl_cache.layers import parse_layer_spec
 from sherl_cache.store.cache import Geometry, open_cache
@@ -58,9 +61,9 @@ TARGET = 0.90
 # --- the bare pass ------------------------------------------------------------------------
 
 
-def prebuilt_batches(config: ex.ExtractConfig) -> dict[str, Any]:
+def prebuilt_batches(config: ExtractConfig) -> dict[str, Any]:
     """Everything ``extract()`` decides before its forward loop, and its batches prebuilt."""
-    dataset = ex.load_dataset(config)
+    dataset = load_dataset(config)
     info = inspect_backbone(config.model)
     layers = tuple(
         sorted(set(parse_layer_spec(config.layers, info.num_layers)) | {info.num_layers - 1})
@@ -73,16 +76,16 @@ def prebuilt_batches(config: ex.ExtractConfig) -> dict[str, Any]:
     batches: list[dict[str, torch.Tensor]] = []
     tokens = padded = 0
     for split in dataset.splits.values():
-        tok = ex.tokenize_split(family, tokenizer, split, config.max_length)
+        tok = tokenize_split(family, tokenizer, split, config.max_length)
         offsets = tok.offsets
         total = int(offsets[-1])
         tokens += total
         for unit in range(geometry.num_units(total)):
             start, stop = geometry.unit_range(unit, total)
             # run_unit's selection, order and padding: the library's own batch builder
-            first, last = ex.unit_examples(offsets, start, stop)
+            first, last = unit_examples(offsets, start, stop)
             examples = sorted(range(first, last), key=lambda i, t=tok: -len(t.input_ids[i]))
-            for _, inputs in ex.unit_batches(tok, examples, config.batch_size, pad_id):
+            for _, inputs in unit_batches(tok, examples, config.batch_size, pad_id):
                 batches.append(inputs)
                 padded += inputs["input_ids"].numel()
     return {
@@ -111,13 +114,14 @@ def bare_pass(model, batches: list[dict[str, torch.Tensor]]) -> float:
 
 
 class Probe:
-    """Wraps ``run_unit`` and ``UnitWriter`` in ``sherl_cache.extract`` to time the loop."""
+    """Wraps ``run_unit`` and ``UnitWriter`` as ``extract()`` calls them, and the backbone
+    loader of ``extraction.engine``, to time the loop."""
 
     def __init__(self) -> None:
         self.reset()
         self._run_unit = ex.run_unit
         self._writer = ex.UnitWriter
-        self._load = ex.load_backbone
+        self._load = engine.load_backbone
 
     def reset(self) -> None:
         self.first_unit: float | None = None
@@ -163,14 +167,14 @@ class Probe:
                 probe.loop_end = time.perf_counter()
                 probe.drain += probe.loop_end - t0
 
-        ex.run_unit, ex.UnitWriter, ex.load_backbone = run_unit, Writer, load_backbone
+        ex.run_unit, ex.UnitWriter, engine.load_backbone = run_unit, Writer, load_backbone
         return self
 
     def __exit__(self, *exc) -> None:
-        ex.run_unit, ex.UnitWriter, ex.load_backbone = self._run_unit, self._writer, self._load
+        ex.run_unit, ex.UnitWriter, engine.load_backbone = self._run_unit, self._writer, self._load
 
 
-def extraction(config: ex.ExtractConfig, probe: Probe) -> dict[str, Any]:
+def extraction(config: ExtractConfig, probe: Probe) -> dict[str, Any]:
     probe.reset()
     _sha256_cached.cache_clear()  # hash the weights as a fresh `sherl-cache extract` would
     began = time.perf_counter()
@@ -252,7 +256,7 @@ def bench_model(name: str, model_dir: Path, data: Path, work: Path, args) -> dic
         batch_size=args.batch_size,
         device="cpu",
     )
-    plan = prebuilt_batches(ex.ExtractConfig(**base))
+    plan = prebuilt_batches(ExtractConfig(**base))
     info, tokens = plan["info"], plan["tokens"]
     log(
         f"{name}: {tokens} tokens ({plan['padded_tokens']} padded) in {len(plan['batches'])} "
@@ -267,7 +271,7 @@ def bench_model(name: str, model_dir: Path, data: Path, work: Path, args) -> dic
             bare.append(bare_pass(model, plan["batches"]))
             log(f"{name} bare #{repeat + 1}: {bare[-1]:.2f} s, {tokens / bare[-1]:.0f} tok/s")
             cache = work / f"{name}-cache-{repeat}"
-            run = extraction(ex.ExtractConfig(**base, cache=str(cache)), probe)
+            run = extraction(ExtractConfig(**base, cache=str(cache)), probe)
             runs.append(run)
             log(
                 f"{name} extract #{repeat + 1}: {run['seconds']:.2f} s "

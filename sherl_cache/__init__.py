@@ -10,7 +10,7 @@ from .errors import SherlCacheError  # noqa: E402
 from .store.cache import Cache, open_cache  # noqa: E402
 
 if TYPE_CHECKING:
-    from .inference.predict import Run, load_run
+    from .inference.run import Run, load_run
 
 __all__ = ["Cache", "Run", "SherlCacheError", "__version__", "load_run", "open_cache"]
 
@@ -19,7 +19,7 @@ def __getattr__(name: str) -> Any:
     # Prediction pulls in torch and transformers; importing it lazily keeps `import sherl_cache`
     # (and every CLI command that only reads caches) fast.
     if name in ("Run", "load_run"):
-        from .inference import predict
+        from .inference import run
 
-        return getattr(predict, name)
+        return getattr(run, name)
     raise AttributeError(f"module 'sherl_cache' has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import subprocess
@@ -11,6 +13,10 @@ from pathlib import Path
 import pytest
 
 from sherl_cache import open_cache
+from sherl_cache.config.extract import ExtractConfig
+from sherl_cache.config.predict import PredictConfig
+from sherl_cache.config.settings import choices_of, default_of, field_types, flag_of
+from sherl_cache.config.train import TrainConfig
 
 
 def cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -172,3 +178,65 @@ def test_bad_input_is_one_line(tmp_path, tiny_models, glue_dir, args, message):
 def test_debug_shows_traceback(tmp_path):
     result = cli("--debug", "info", str(tmp_path / "missing"), check=False)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def click_command(name: str):
+    import typer.main
+
+    from sherl_cache.cli import app
+
+    return typer.main.get_command(app).commands[name]
+
+
+@pytest.mark.parametrize(
+    ("command", "cls", "not_derived"),
+    [
+        ("extract", ExtractConfig, ()),
+        ("train", TrainConfig, ("cache", "out")),  # found and named by the CLI when left out
+        ("predict", PredictConfig, ()),
+        ("evaluate", PredictConfig, ()),
+    ],
+)
+def test_options_are_the_settings_fields(command, cls, not_derived):
+    options = {p.opts[0]: p for p in click_command(command).params}
+    for f in dataclasses.fields(cls):
+        option = options[flag_of(f)]
+        assert option.help == f.metadata["help"]
+        if f.name in not_derived:
+            assert option.default is None
+        elif f.default is dataclasses.MISSING:
+            assert option.required
+        else:
+            assert option.default == default_of(cls, f.name), f.name
+        choices = choices_of(field_types(cls)[f.name])
+        if choices:
+            assert option.metavar == "<" + "|".join(choices) + ">"
+
+
+def test_every_option_has_help_and_choices_are_listed():
+    import typer.main
+    from typer.testing import CliRunner
+
+    from sherl_cache.cli import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            assert param.help, f"{name} {param.name}"
+    shown = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    for choices in ("<frozen|full|lora>", "<linear|gated>", "<mean|first>", "<auto|cpu|cuda>"):
+        assert choices in shown
+
+
+def test_verify_device_default_is_the_library_default():
+    from sherl_cache.store.verify import verify_cache
+
+    (device,) = [p for p in click_command("verify").params if p.name == "device"]
+    assert device.default == inspect.signature(verify_cache).parameters["device"].default
+
+
+def test_bad_choice_is_one_line_naming_the_flag(tmp_path):
+    result = cli(
+        "train", "--cache", "c", "--out", str(tmp_path / "r"), "--late-mode", "half", check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown --late-mode 'half': choose frozen, full, lora"

@@ -23,8 +23,9 @@ import zarr
 from sherl_cache import open_cache
 from sherl_cache.errors import ConfigError
 from sherl_cache.extraction.distributed import UnitJob, extract_distributed
-from sherl_cache.extraction.extract import KILL_AT_ENV, UNIT_DELAY_ENV, ExtractConfig, extract
+from sherl_cache.extraction.extract import ExtractConfig, extract
 from sherl_cache.families import get_family
+from sherl_cache.store.writer import KILL_AT_ENV, UNIT_DELAY_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +160,7 @@ def test_unit_job_round_trip(tiny_models, glue_dir):
     from sherl_cache.backbone.frozen import load_tokenizer
     from sherl_cache.data.files import load_glue
     from sherl_cache.data.tasks import get_task
-    from sherl_cache.extraction.extract import tokenize_split
+    from sherl_cache.extraction.inputs import tokenize_split
 
     split = load_glue(get_task("mrpc"), glue_dir).splits["train"]
     tokens = tokenize_split(get_family("bert"), load_tokenizer(tiny_models["bert"]), split, 40)

@@ -239,7 +239,7 @@ def test_unknown_layer_index(tmp_path, tiny_models, glue_dir):
 
 
 def test_default_cache_name_is_readable():
-    from sherl_cache.extraction.extract import default_cache_name
+    from sherl_cache.extraction.plan import default_cache_name
 
     def name(model_id):
         return default_cache_name(

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sherl_cache.cli import app
+from sherl_cache.config.extract import ExtractConfig
 from sherl_cache.errors import ConfigError
 from sherl_cache.experiments.pipeline import load_pipeline, resolve_model, run_pipeline
 from sherl_cache.experiments.sweep import read_results
@@ -158,3 +159,19 @@ grid = {{ reduction = [4, 8] }}
     assert again.stdout.strip().splitlines()[-1] == "sweeps/tiny/mrpc"
     refused = runner.invoke(app, ["run", str(path)])
     assert refused.exit_code == 2 and "--resume" in refused.output
+
+
+def test_extraction_keys_and_defaults_come_from_extract_config(tmp_path, glue_dir):
+    path = tmp_path / "p.toml"
+    path.write_text(
+        f'model = "m"\ntask = "mrpc"\ndata_dir = "{glue_dir}"\nlayers = [0, 2]\n'
+        "batch_size = 8\n[sweep]\ngrid = { seed = [0] }\n"
+    )
+    (job,) = load_pipeline(path).jobs
+    expected = ExtractConfig(
+        model="m", task="mrpc", data_dir=glue_dir, layers="0,2", batch_size=8
+    )  # every key the file leaves out keeps ExtractConfig's default
+    assert job.extract == expected
+    path.write_text('model = "m"\ntask = "mrpc"\ntrust_remote_code = true\n[sweep]\n')
+    with pytest.raises(ConfigError, match="unknown key 'trust_remote_code'"):
+        load_pipeline(path)  # remote code is allowed only by hand, on the command line

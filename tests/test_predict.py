@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,18 +17,16 @@ from typer.testing import CliRunner
 
 from sherl_cache import load_run, open_cache
 from sherl_cache.cli import app
+from sherl_cache.config.train import TrainConfig
 from sherl_cache.data.files import load_glue
 from sherl_cache.data.tasks import get_task
 from sherl_cache.errors import CacheMismatchError, ConfigError, DataError, RunError
 from sherl_cache.extraction.extract import ExtractConfig, extract
-from sherl_cache.inference.predict import (
-    Predictions,
-    _write_submission,
-    evaluate_run,
-    load_input,
-    write_predictions,
-)
-from sherl_cache.training.recipe import CachedFeatures, TrainConfig, evaluate, train
+from sherl_cache.inference.evaluate import evaluate_run, write_submission
+from sherl_cache.inference.predictions import Predictions, load_input, write_predictions
+from sherl_cache.training.features import CachedFeatures
+from sherl_cache.training.loop import evaluate
+from sherl_cache.training.recipe import train
 
 CPU = torch.device("cpu")
 
@@ -71,7 +70,7 @@ def make_run(tmp_path_factory, tiny_models, glue_dir):
 def cached_and_online(run_path: Path, glue_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """Training's evaluation from the cache, and predictions computed from the text."""
     run = load_run(run_path, device="cpu")
-    cache = open_cache(run.record["cache"])
+    cache = open_cache(run.record.cache)
     source = CachedFeatures(cache, "validation", run.taps, run.split_index)
     cached, metrics = evaluate(run.model, source, run.task, CPU, 8)
     split = load_glue(run.task, glue_dir, ["validation"]).splits["validation"]
@@ -201,7 +200,8 @@ def test_evaluate_from_cache_or_on_the_fly(make_run, glue_dir, tmp_path):
     assert from_cache.written == run.path / "eval-validation.json"
     written = json.loads(from_cache.written.read_text())
     assert written["metrics"] == from_cache.metrics and written["examples"] == 10
-    run.record = {**run.record, "cache": str(tmp_path / "gone")}
+    gone = dataclasses.replace(run.record.config, cache=str(tmp_path / "gone"))
+    run.record = dataclasses.replace(run.record, config=gone)
     online = evaluate_run(
         run, "validation", data_dir=glue_dir, output=tmp_path / "e.json", progress=False
     )
@@ -236,7 +236,7 @@ def test_evaluate_input_file_matches_cache_by_fingerprint(make_run, glue_dir, tm
 
 def test_explicit_cache_must_match(make_run, glue_dir):
     run = load_run(make_run("bert"), device="cpu")
-    other = load_run(make_run("bert", "frozen", "float16"), device="cpu").record["cache"]
+    other = load_run(make_run("bert", "frozen", "float16"), device="cpu").record.cache
     with pytest.raises(CacheMismatchError, match=r"--cache.*field dtype: cache has 'float16'"):
         evaluate_run(run, "validation", data_dir=glue_dir, cache=other)
 
@@ -269,7 +269,7 @@ def test_test_split_gives_glue_submission(make_run, glue_dir, tmp_path):
 def test_submission_formats(tmp_path, task, split, name, outputs, values):
     spec = get_task(task)
     predictions = Predictions(["0", "1"], np.asarray(outputs, dtype=np.float32), spec)
-    written = _write_submission(SimpleNamespace(task=spec, path=tmp_path), split, predictions, None)
+    written = write_submission(SimpleNamespace(task=spec, path=tmp_path), split, predictions, None)
     assert written.name == f"{name}.tsv"
     assert written.read_text() == "index\tprediction\n" + "".join(
         f"{i}\t{v}\n" for i, v in enumerate(values)

@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from sherl_cache import open_cache
+from sherl_cache.config.train import TrainConfig
 from sherl_cache.extraction.extract import ExtractConfig, extract
-from sherl_cache.training.recipe import TrainConfig, train
+from sherl_cache.training.recipe import train
 
 pytestmark = pytest.mark.real
 

@@ -28,9 +28,10 @@ from typer.testing import CliRunner
 from sherl_cache import open_cache
 from sherl_cache.cli import app
 from sherl_cache.errors import CacheIncompleteError, CacheLockedError, CacheMismatchError
-from sherl_cache.extraction.extract import KILL_AT_ENV, UNIT_DELAY_ENV, ExtractConfig, extract
+from sherl_cache.extraction.extract import ExtractConfig, extract
 from sherl_cache.store.cache import hidden_name
 from sherl_cache.store.verify import verify_cache
+from sherl_cache.store.writer import KILL_AT_ENV, UNIT_DELAY_ENV
 
 SETTINGS = {  # many small units (16-token chunks, 2 per shard), few stored layers
     "layers": "0,2",  # stores 0, 2 and 3 (the last layer's input is always kept)

@@ -19,13 +19,8 @@ from sherl_cache.config.extract import ExtractConfig
 from sherl_cache.config.train import TrainConfig
 from sherl_cache.config.values import Range, parse_fixed, parse_grid, parse_range
 from sherl_cache.errors import ConfigError, RunError
-from sherl_cache.experiments.sweep import (
-    SweepConfig,
-    format_summary,
-    read_results,
-    run_sweep,
-    trial_id,
-)
+from sherl_cache.experiments.results import format_summary, read_results
+from sherl_cache.experiments.sweep import SweepConfig, run_sweep, trial_id
 from sherl_cache.extraction.extract import extract
 from sherl_cache.training.recipe import train
 

@@ -12,19 +12,15 @@ from safetensors.torch import load_file
 
 from sherl_cache import open_cache
 from sherl_cache.backbone.frozen import load_backbone
+from sherl_cache.config.train import TrainConfig
 from sherl_cache.errors import CacheMismatchError, ConfigError, RunError
 from sherl_cache.extraction.extract import ExtractConfig, extract
 from sherl_cache.families import get_family
-from sherl_cache.training.recipe import (
-    CachedFeatures,
-    OnlineFeatures,
-    TrainConfig,
-    build_model,
-    fit,
-    task_of,
-    train,
-    trainable_state,
-)
+from sherl_cache.training.discovery import task_of
+from sherl_cache.training.features import CachedFeatures, OnlineFeatures
+from sherl_cache.training.loop import fit
+from sherl_cache.training.model import build_model, trainable_state
+from sherl_cache.training.recipe import train
 
 
 @pytest.fixture(scope="module")

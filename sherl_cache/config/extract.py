@@ -1,4 +1,8 @@
-"""Stage one's settings: what ``sherl-cache extract`` takes, validated on creation."""
+"""Stage one's settings: what ``sherl-cache extract`` takes, validated on creation.
+
+Each field's default, flag, help and choices are written here once; the CLI options and the
+pipeline TOML keys are derived from them.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +11,68 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..runtime import STORAGE_DTYPE_NAMES, Device, StorageDtype, check_device
+from ..runtime import Device, StorageDtype
+from .settings import POSITIVE, at_least, setting, validate
+
+DATA, MODEL, RUN = "Data", "Model", "Run"
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
     """Everything ``sherl-cache extract`` takes; validated on creation."""
 
-    model: str
-    task: str | None = None
-    data_dir: Path | None = None
-    data_files: Mapping[str, Path] | None = None
-    text_columns: tuple[str, ...] | None = None
-    label_column: str | None = None
-    layers: str = "all"
-    dtype: StorageDtype | None = None  # None: the family's default (bfloat16 where fp16 overflows)
-    max_length: int = 128
-    batch_size: int = 32
-    device: Device = "auto"
-    cache: str | None = None
-    cache_root: Path = Path("cache")
-    splits: tuple[str, ...] | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    chunk_tokens: int | None = None
-    shard_chunks: int | None = None
+    model: str = setting(help="Hugging Face model id or local folder.", panel=MODEL)
+    task: str | None = setting(None, help="GLUE task name (cola, sst2, mrpc, ...).", panel=DATA)
+    data_dir: Path | None = setting(
+        None, help="Folder with GLUE's layout (MRPC/train.tsv, ...).", panel=DATA
+    )
+    data_files: Mapping[str, Path] | None = setting(
+        None,
+        flag="--data",
+        help="Own files: train=a.csv,validation=b.jsonl (csv, tsv, jsonl, parquet).",
+        panel=DATA,
+    )
+    text_columns: tuple[str, ...] | None = setting(
+        None, help="One or two text column names, comma separated.", panel=DATA
+    )
+    label_column: str | None = setting(None, help="Label column of own files.", panel=DATA)
+    layers: str = setting(
+        "all",
+        help="Hidden-state indices: all | i,j,k | every:N (L-1 is always kept).",
+        panel=MODEL,
+    )
+    dtype: StorageDtype | None = setting(
+        None,
+        help="Storage dtype (default: the family's; bfloat16 where float16 overflows, as in T5).",
+        panel=MODEL,
+    )
+    max_length: int = setting(
+        128,
+        help="Tokens per example; longer ones are truncated (counted).",
+        bound=at_least(2),
+        panel=MODEL,
+    )
+    batch_size: int = setting(32, help="Examples per forward pass.", bound=POSITIVE, panel=RUN)
+    device: Device = setting(
+        "auto", help="Where the backbone runs (auto: CUDA when present).", panel=RUN
+    )
+    cache: str | None = setting(None, help="Explicit store path (or fsspec URL).", panel=RUN)
+    cache_root: Path = setting(
+        Path("cache"), help="Folder holding caches under derived names.", panel=RUN
+    )
+    splits: tuple[str, ...] | None = setting(
+        None, help="Only these splits, comma separated.", panel=DATA
+    )
+    revision: str | None = setting(None, help="Hub revision of the model.", panel=MODEL)
+    trust_remote_code: bool = setting(
+        False, help="Allow model code from the hub (off by default).", panel=MODEL
+    )
+    chunk_tokens: int | None = setting(
+        None, help="Tokens per stored chunk.", bound=POSITIVE, hidden=True
+    )
+    shard_chunks: int | None = setting(
+        None, help="Chunks per shard file.", bound=POSITIVE, hidden=True
+    )
 
     def __post_init__(self) -> None:
         if self.task is None and not self.data_files:
@@ -40,18 +81,4 @@ class ExtractConfig:
             raise ConfigError("--data without --task needs --text-columns (one or two names)")
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise ConfigError("--text-columns takes one or two column names")
-        if self.dtype is not None and self.dtype not in STORAGE_DTYPE_NAMES:
-            raise ConfigError(
-                f"unknown dtype {self.dtype!r} (--dtype): choose float32, float16 or bfloat16"
-            )
-        check_device(self.device)
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
-        for flag, value in (
-            ("--chunk-tokens", self.chunk_tokens),
-            ("--shard-chunks", self.shard_chunks),
-        ):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} must be positive, got {value}")
+        validate(self)

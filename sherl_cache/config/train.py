@@ -1,103 +1,107 @@
-"""Stage two's settings: what ``sherl-cache train`` takes, validated on creation."""
+"""Stage two's settings: what ``sherl-cache train`` takes, validated on creation.
+
+Each field's default, flag, help, bound and choices are written here once; the CLI options,
+the pipeline TOML keys and sweep values are derived from them.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from ..errors import ConfigError
-from ..runtime import DEVICES, Device
+from ..runtime import Device
+from .settings import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_NUMBER,
+    at_least,
+    setting,
+    validate,
+)
 
 FusionVariant = Literal["linear", "gated"]
 FUSION_VARIANTS: tuple[str, ...] = get_args(FusionVariant)
 LateMode = Literal["frozen", "full", "lora"]
-LATE_MODES = ("frozen", "full", "lora")
 Pool = Literal["mean", "first"]
-POOLS = ("mean", "first")
-
 
 DEFAULT_MEMORY_BUDGET = 4 << 30  # host bytes of cached states one split may hold at once
+
+INPUT, FUSION, LATE, OPTIMISER, RUN = "Input", "Fusion and head", "Late route", "Optimiser", "Run"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``sherl-cache train`` takes; validated on creation, errors name the flag."""
 
-    cache: str
-    out: Path
-    task: str | None = None
-    tap: str = "default"
-    late_layers: int = 1
-    late_mode: LateMode = "frozen"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    reduction: int = 8
-    fusion_variant: FusionVariant = "linear"
-    fusion_dropout: float = 0.1
-    head_dropout: float = 0.1
-    pool: Pool = "mean"
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    epochs: int = 20
-    batch_size: int = 100
-    seed: int = 0
-    train_split: str = "train"
-    eval_split: str = "validation"
-    device: Device = "auto"
-    max_train_examples: int | None = None
-    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET >> 20  # host memory for cached states per split
-    model: str | None = None  # where the late layers' weights are read; default: the cache's
-    overwrite: bool = False
+    cache: str = setting(help="Cache path (default: find one in --cache-root).", panel=INPUT)
+    out: Path = setting(help="Run folder (default: runs/<task>-<time>).", panel=RUN)
+    task: str | None = setting(None, help="Task the cache was made for (checked).", panel=INPUT)
+    tap: str = setting(
+        "default", help="Tapped hidden states: default | all | i,j,k | every:N.", panel=FUSION
+    )
+    late_layers: int = setting(
+        1, help="Pre-trained layers after the fusion (k).", bound=at_least(1), panel=LATE
+    )
+    late_mode: LateMode = setting(
+        "frozen", help="How the late layers learn: frozen, full fine-tuning or LoRA.", panel=LATE
+    )
+    lora_rank: int = setting(8, help="LoRA rank (--late-mode lora).", bound=POSITIVE, panel=LATE)
+    lora_alpha: float = setting(16.0, help="LoRA scaling alpha (--late-mode lora).", panel=LATE)
+    reduction: int = setting(8, help="Fusion width d/r.", bound=at_least(1), panel=FUSION)
+    fusion_variant: FusionVariant = setting(
+        "linear", help="Fusion projection: linear (+LayerNorm) or gated.", panel=FUSION
+    )
+    fusion_dropout: float = setting(
+        0.1, help="Dropout inside the fusion.", bound=FRACTION, panel=FUSION
+    )
+    head_dropout: float = setting(
+        0.1, help="Dropout before the classification head.", bound=FRACTION, panel=FUSION
+    )
+    pool: Pool | None = setting(
+        None,
+        help="Head pooling: masked mean of the tokens, or the first token (default: the "
+        "family's, mean for encoders).",
+        panel=FUSION,
+    )
+    lr: float = setting(
+        3e-3, help="Peak learning rate (AdamW).", bound=POSITIVE_NUMBER, panel=OPTIMISER
+    )
+    weight_decay: float = setting(
+        0.0, help="AdamW weight decay.", bound=NON_NEGATIVE, panel=OPTIMISER
+    )
+    warmup_ratio: float = setting(
+        0.06, help="Share of steps with a linear warm-up.", bound=FRACTION, panel=OPTIMISER
+    )
+    epochs: int = setting(
+        20, help="Passes over the training split.", bound=at_least(1), panel=OPTIMISER
+    )
+    batch_size: int = setting(100, help="Examples per step.", bound=POSITIVE, panel=OPTIMISER)
+    seed: int = setting(0, help="Seed of initialisation, shuffling and dropout.", panel=OPTIMISER)
+    train_split: str = setting("train", help="Split to train on.", panel=INPUT)
+    eval_split: str = setting("validation", help="Split scored after every epoch.", panel=INPUT)
+    device: Device = setting(
+        "auto", help="Where training runs (auto: CUDA when present).", panel=RUN
+    )
+    max_train_examples: int | None = setting(
+        None, help="Train on the first N examples only.", bound=POSITIVE, panel=INPUT
+    )
+    memory_budget_mb: int = setting(
+        DEFAULT_MEMORY_BUDGET >> 20,
+        help="Host memory for cached states; larger splits stream.",
+        bound=POSITIVE,
+        panel=RUN,
+    )
+    model: str | None = setting(
+        None,
+        help="Backbone: finds its cache; the late layers' weights (default: the cache's).",
+        panel=INPUT,
+    )
+    overwrite: bool = setting(False, help="Replace an existing run in --out.", panel=RUN)
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.late_layers >= 1, f"--late-layers must be at least 1, got {self.late_layers}"),
-            (
-                self.late_mode in LATE_MODES,
-                f"unknown --late-mode {self.late_mode!r}: choose frozen, full, lora",
-            ),
-            (self.lora_rank >= 1, f"--lora-rank must be positive, got {self.lora_rank}"),
-            (self.reduction >= 1, f"--reduction must be at least 1, got {self.reduction}"),
-            (
-                self.fusion_variant in FUSION_VARIANTS,
-                f"unknown --fusion-variant {self.fusion_variant!r}",
-            ),
-            (
-                0 <= self.fusion_dropout < 1,
-                f"--fusion-dropout must be in [0, 1), got {self.fusion_dropout}",
-            ),
-            (
-                0 <= self.head_dropout < 1,
-                f"--head-dropout must be in [0, 1), got {self.head_dropout}",
-            ),
-            (self.pool in POOLS, f"unknown --pool {self.pool!r}: choose mean or first"),
-            (
-                self.lr > 0 and math.isfinite(self.lr),
-                f"--lr must be a positive number, got {self.lr}",
-            ),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (
-                0 <= self.warmup_ratio < 1,
-                f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}",
-            ),
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
-            (
-                self.device in DEVICES,
-                f"unknown device {self.device!r} (--device): choose auto, cpu, cuda",
-            ),
-            (
-                self.max_train_examples is None or self.max_train_examples >= 1,
-                "--max-train-examples must be positive",
-            ),
-            (self.memory_budget_mb >= 1, "--memory-budget-mb must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        validate(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

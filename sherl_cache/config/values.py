@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 import random
-import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
+from .settings import choices_of, field_types, without_none
 from .train import TrainConfig
 
 # TrainConfig fields a sweep never varies: where things are, and the cache's own task.
@@ -32,20 +32,13 @@ class FieldKind:
 
 
 def _field_kinds() -> dict[str, FieldKind]:
-    hints = typing.get_type_hints(TrainConfig)
     kinds = {}
-    for f in fields(TrainConfig):
-        if f.name in _NOT_SETTABLE:
+    for name, hint in field_types(TrainConfig).items():
+        if name in _NOT_SETTABLE:
             continue
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        if optional:
-            hint = next(a for a in args if a is not type(None))
-        choices = None
-        if typing.get_origin(hint) is Literal:
-            hint, choices = str, tuple(typing.get_args(hint))
-        kinds[f.name] = FieldKind(f.name, hint, choices, optional)
+        base, optional = without_none(hint)
+        choices = choices_of(base)
+        kinds[name] = FieldKind(name, str if choices else base, choices, optional)
     return kinds
 
 

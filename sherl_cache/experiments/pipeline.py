@@ -35,10 +35,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,26 +47,66 @@ else:  # pragma: no cover - the tomli fallback is declared in pyproject for 3.10
     import tomli as tomllib
 
 from ..config.extract import ExtractConfig
+from ..config.settings import field_types, settings_fields, without_none
 from ..config.values import SETTABLE, parse_range, parse_value
 from ..data.tasks import get_task
 from ..errors import ConfigError
 from .sweep import SweepConfig, SweepResult, run_sweep
 
-# key -> expected kind; kinds are checked by _check_type.
-_EXTRACT_KEYS: dict[str, str] = {
-    "data_dir": "str",
-    "files": "table[str]",
-    "text_columns": "list[str]",
-    "label_column": "str",
-    "splits": "list[str]",
-    "layers": "str|list[int]",
-    "dtype": "str",
-    "max_length": "int",
-    "batch_size": "int",
-    "device": "str",
-    "revision": "str",
-    "cache_root": "str",
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# kind -> (test of a TOML value, what the error says it must be)
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (_is_int, "an integer"),
+    "number": (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    "table": (lambda v: isinstance(v, dict), "a table"),
+    "table[str]": (
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        "a table of strings",
+    ),
+    "list[str]": (
+        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "an array of strings",
+    ),
+    "str|list[int]": (
+        lambda v: isinstance(v, str) or (isinstance(v, list) and all(_is_int(x) for x in v)),
+        "a string or an array of integers",
+    ),
 }
+
+
+def _kind(hint: Any) -> str:
+    """The TOML kind of a settings field's type (paths and choices are written as strings)."""
+    base, _ = without_none(hint)
+    origin = typing.get_origin(base)
+    if base in (str, Path) or origin is Literal:
+        return "str"
+    if base in (int, float):
+        return "int" if base is int else "number"
+    if origin is tuple:
+        return "list[str]"
+    if origin is Mapping:
+        return "table[str]"
+    raise TypeError(f"no TOML form for a field of type {hint}")
+
+
+# ExtractConfig fields a pipeline does not take: `model` and `task` are top-level keys of their
+# own, one explicit `cache` cannot serve several tasks, remote code must be allowed by hand on
+# the command line, and the hidden chunking options are for tests.
+_NOT_IN_TOML = ("model", "task", "cache", "trust_remote_code", "chunk_tokens", "shard_chunks")
+_TOML_NAMES = {"data_files": "files"}  # the file says `files = {train = "a.csv"}`
+_TOML_FIELDS = {
+    _TOML_NAMES.get(name, name): name
+    for name in settings_fields(ExtractConfig)
+    if name not in _NOT_IN_TOML
+}
+_EXTRACT_KEYS: dict[str, str] = {
+    key: _kind(field_types(ExtractConfig)[name]) for key, name in _TOML_FIELDS.items()
+} | {"layers": "str|list[int]"}  # a list of indices reads better in TOML than "0,4,8"
 _TOP_KEYS: dict[str, str] = {
     "name": "str",
     "model": "str",
@@ -75,15 +116,13 @@ _TOP_KEYS: dict[str, str] = {
     "sweep": "table",
     "override": "table",
 }
+# SweepConfig fields written as they are in [sweep]; `grid` and `range` need parsing.
+_SWEEP_SCALARS = ("random", "random_seed", "workers", "scheduler", "connect_timeout")
 _SWEEP_KEYS: dict[str, str] = {
     "out": "str",
     "grid": "table",
     "range": "table[str]",
-    "random": "int",
-    "random_seed": "int",
-    "workers": "int",
-    "scheduler": "str",
-    "connect_timeout": "number",
+    **{key: _kind(field_types(SweepConfig)[key]) for key in _SWEEP_SCALARS},
     **{key: "train" for key in SETTABLE},  # fixed train options, typed by TrainConfig
 }
 _TYPE_NAMES = {
@@ -101,30 +140,8 @@ def _type_name(value: Any) -> str:
 
 
 def _check_type(where: str, kind: str, value: Any, problems: list[str]) -> None:
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    ok = {
-        "str": lambda v: isinstance(v, str),
-        "int": is_int,
-        "number": lambda v: is_int(v) or isinstance(v, float),
-        "table": lambda v: isinstance(v, dict),
-        "table[str]": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-        "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-        "str|list[int]": lambda v: (
-            isinstance(v, str) or (isinstance(v, list) and all(is_int(x) for x in v))
-        ),
-    }[kind](value)
-    if not ok:
-        wanted = {
-            "str": "a string",
-            "int": "an integer",
-            "number": "a number",
-            "table": "a table",
-            "table[str]": "a table of strings",
-            "list[str]": "an array of strings",
-            "str|list[int]": "a string or an array of integers",
-        }[kind]
+    holds, wanted = _KINDS[kind]
+    if not holds(value):
         problems.append(f"{where} must be {wanted}, got {_type_name(value)} {value!r}")
 
 
@@ -259,42 +276,44 @@ def _input_path(value: str, base: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def _extract_values(top: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """The file's extraction keys as ExtractConfig values; absent keys keep its defaults."""
+    values: dict[str, Any] = {}
+    for key, name in _TOML_FIELDS.items():
+        if key not in top:
+            continue
+        value = top[key]
+        if key == "layers" and isinstance(value, list):
+            value = ",".join(map(str, value))
+        elif key == "data_dir":
+            value = _input_path(value, base)
+        elif key == "files":
+            value = {split: _input_path(file, base) for split, file in value.items()}
+        elif key == "cache_root":
+            value = Path(value)  # an output: relative to the working directory
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return values
+
+
 def _job(data: Mapping[str, Any], task: str, name: str, base: Path) -> PipelineJob:
     top, sweep = _merged(data, task)
-    layers = top.get("layers", "all")
-    extract = ExtractConfig(
-        model=top["model"],
-        task=task or None,
-        data_dir=_input_path(top["data_dir"], base) if "data_dir" in top else None,
-        data_files={k: _input_path(v, base) for k, v in top["files"].items()}
-        if "files" in top
-        else None,
-        text_columns=tuple(top["text_columns"]) if "text_columns" in top else None,
-        label_column=top.get("label_column"),
-        layers=",".join(map(str, layers)) if isinstance(layers, list) else layers,
-        dtype=top.get("dtype"),
-        max_length=top.get("max_length", 128),
-        batch_size=top.get("batch_size", 32),
-        device=top.get("device", "auto"),
-        cache_root=Path(top.get("cache_root", "cache")),
-        splits=tuple(top["splits"]) if "splits" in top else None,
-        revision=top.get("revision"),
-    )
+    extract = ExtractConfig(model=top["model"], task=task or None, **_extract_values(top, base))
     out = str(sweep.get("out", f"sweeps/{name}/{task or 'custom'}")).replace(
         "{task}", task or "custom"
     )
+    scalars = {key: sweep[key] for key in _SWEEP_SCALARS if key in sweep}
+    if "connect_timeout" in scalars:
+        scalars["connect_timeout"] = float(scalars["connect_timeout"])
     config = SweepConfig(
         cache="<cache of this pipeline>",
         out=Path(out),
         grid=sweep["grid"],
         ranges=tuple(parse_range(f"{k}={v}") for k, v in (sweep.get("range") or {}).items()),
-        random=sweep.get("random"),
-        random_seed=sweep.get("random_seed", 0),
         fixed={k: v for k, v in sweep.items() if k in SETTABLE},
         task=task or None,
-        workers=sweep.get("workers", 0),
-        scheduler=sweep.get("scheduler"),
-        connect_timeout=float(sweep.get("connect_timeout", 5.0)),
+        **scalars,
     )
     config.trials()  # builds every trial's TrainConfig: bad combinations fail here, not later
     return PipelineJob(task, top["model"], extract, config)

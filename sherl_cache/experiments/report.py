@@ -1,6 +1,6 @@
 """Plots and a table for a sweep folder, finished or still running.
 
-Reads only what is on disk (``sweep.json`` and the trial folders, via ``sweep.collect_rows``),
+Reads only what is on disk (``sweep.json`` and the trial folders, via ``results.collect_rows``),
 so it can be run while a sweep is going and shows every trial finished so far. Needs
 matplotlib, the optional ``plots`` extra; everything else in sherl-cache works without it.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MissingDependencyError, RunError
-from ..experiments.sweep import collect_rows, format_summary, load_spec, ranked, read_json
+from ..training.rundir import RunDir
+from .results import collect_rows, format_summary, load_spec, ranked
 
 
 @dataclass
@@ -142,7 +143,7 @@ def _learning_curves(
 ) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
-        metrics = read_json(sweep_dir / row["path"] / "metrics.json") or {}
+        metrics = RunDir(sweep_dir / row["path"]).read_metrics() or {}
         epochs = [e for e in metrics.get("epochs", []) if metric in e]
         ax.plot(
             [e["epoch"] for e in epochs],

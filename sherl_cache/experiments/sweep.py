@@ -25,43 +25,54 @@ import datetime as dt
 import hashlib
 import itertools
 import json
-import logging
-import math
 import os
 import random
 import re
 import socket
-import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..cluster import connect
+from ..cluster import cluster_client
 from ..config.train import TrainConfig
 from ..config.values import Range, parse_value, unique
 from ..errors import ConfigError, RunError
 from ..store.cache import Cache, open_cache
-from ..training.recipe import resolve_taps, task_of, train
+from ..training.discovery import family_of_cache, task_of
+from ..training.recipe import train
+from ..training.rundir import CONFIG_FILE, RunDir
+from ..training.taps import resolve_taps
+from .results import (
+    RESULTS_FILE,
+    SPEC_FILE,
+    SPEC_FORMAT,
+    SPEC_VERSION,
+    format_summary,
+    format_value,
+    read_results,
+    status_file,
+    trial_folder,
+    write_results,
+)
 
-SPEC_FILE = "sweep.json"
-RESULTS_FILE = "results.parquet"
-SPEC_FORMAT = "sherl-cache-sweep"
-SPEC_VERSION = 1
-
-
-def _format(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
+# The CLI and pipelines take the table's readers from here, with the sweep that writes it.
+__all__ = [
+    "SweepConfig",
+    "SweepResult",
+    "Trial",
+    "format_summary",
+    "read_results",
+    "run_sweep",
+    "run_trial",
+    "trial_id",
+]
 
 
 def trial_id(values: Mapping[str, Any]) -> str:
     """A readable, file-safe folder name from a trial's swept values, e.g. ``lr=0.003_seed=1``."""
-    text = "_".join(f"{key}={_format(value)}" for key, value in values.items()) or "trial"
+    text = "_".join(f"{key}={format_value(value)}" for key, value in values.items()) or "trial"
     safe = re.sub(r"[^A-Za-z0-9_.,=+-]+", "-", text)
     if len(safe) > 96:  # keep paths short; the digest keeps long ids distinct
         safe = f"{safe[:80]}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
@@ -183,7 +194,7 @@ class SweepConfig:
             try:
                 config = TrainConfig(
                     cache=_absolute(self.cache),
-                    out=Path(self.out).absolute() / "trials" / tid,
+                    out=trial_folder(Path(self.out).absolute(), tid),
                     task=self.task,
                     **(dict(self.fixed) | values),
                 )
@@ -211,22 +222,19 @@ def _now() -> str:
 
 
 def run_trial(
-    config: dict[str, Any], status_path: str, *, threads: int | None = None, pin_gpu: bool = False
+    config: dict[str, Any], status_path: str, *, threads: int | None = None
 ) -> dict[str, Any]:
     """Train one trial and record its outcome in ``status_path``; never raises ``Exception``.
 
     Takes the config as a plain dict, so a dask task graph carries a few hundred bytes; the
     worker opens the cache read-only by its path. Any exception becomes a failed outcome:
-    one bad trial must not stop the others.
+    one bad trial must not stop the others. A local cluster's worker sees only its own GPU
+    (``cluster.py``), so no device is picked here.
     """
     import torch
 
     if threads:
         torch.set_num_threads(threads)  # one trial per worker process; no oversubscription
-    if pin_gpu and torch.cuda.is_available():
-        from distributed import get_worker
-
-        torch.cuda.set_device(int(get_worker().name) % torch.cuda.device_count())
     began = time.perf_counter()
     try:
         train(TrainConfig.from_dict(config), progress=False)
@@ -250,13 +258,6 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)  # readers (report on a running sweep) never see half a file
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # --- executors ---------------------------------------------------------------------------------
 
 Job = tuple[Trial, dict[str, Any]]
@@ -272,55 +273,33 @@ def _local_runner() -> Iterator[Runner]:
     yield run
 
 
-def _local_gpus(config: SweepConfig) -> int:
-    if config.fixed.get("device", "auto") == "cpu":
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 @contextlib.contextmanager
 def _dask_runner(config: SweepConfig, report: Callable[[str], None]) -> Iterator[Runner]:
-    from distributed import LocalCluster, as_completed
+    from distributed import as_completed
 
-    cluster = None
-    if config.scheduler:
-        client = connect(config.scheduler, config.connect_timeout)
-        workers = client.scheduler_info().get("workers", {})
-        gpu = any("GPU" in w.get("resources", {}) for w in workers.values())
-        threads, pin = None, False
-        if not workers:
-            report(f"scheduler {config.scheduler} has no workers yet; trials wait for one")
-    else:
-        gpus = _local_gpus(config)
-        count = min(config.workers, gpus) if gpus else config.workers
-        cluster = LocalCluster(
-            n_workers=count,
-            processes=True,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",  # never exposed beyond this machine
-            resources={"GPU": 1} if gpus else None,
-            silence_logs=logging.ERROR,
-        )
-        from distributed import Client
-
-        client = Client(cluster, set_as_default=False)
-        gpu, threads, pin = bool(gpus), 1, bool(gpus)
-        report(f"local dask cluster: {count} worker process(es){', one per GPU' if gpus else ''}")
-    try:
+    with cluster_client(
+        scheduler=config.scheduler,
+        workers=config.workers,
+        device=config.fixed.get("device", "auto"),
+        timeout=config.connect_timeout,
+        name="sherl-cache-sweep",
+        tasks="trials",
+        threads=1,  # one small trial per worker process; no oversubscription
+        report=report,
+    ) as cluster:
+        if not config.scheduler:
+            report(cluster.described)
+        client = cluster.client
 
         def run(jobs: Sequence[Job]) -> Iterator[tuple[Trial, dict[str, Any]]]:
             futures = {
                 client.submit(
                     run_trial,
                     **kwargs,
-                    threads=threads,
-                    pin_gpu=pin,
+                    threads=cluster.threads,
                     key=f"trial-{trial.id}",
                     pure=False,
-                    resources={"GPU": 1} if gpu else None,
+                    resources={"GPU": 1} if cluster.gpu else None,
                 ): (trial, kwargs)
                 for trial, kwargs in jobs
             }
@@ -334,10 +313,6 @@ def _dask_runner(config: SweepConfig, report: Callable[[str], None]) -> Iterator
                 yield trial, outcome
 
         yield run
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 # --- the sweep -------------------------------------------------------------------------------
@@ -384,7 +359,7 @@ def run_sweep(config: SweepConfig, report: Callable[[str], None] = lambda _: Non
             report(f"--resume: {len(done)} of {len(trials)} trials already complete, skipped")
         jobs = []
         for trial in todo:
-            status = out / "status" / f"{trial.id}.json"
+            status = status_file(out, trial.id)
             status.unlink(missing_ok=True)  # a stale failure must not outlive its rerun
             folder = trial.config.out
             rerun = folder.exists() and any(folder.iterdir())  # interrupted: train must replace it
@@ -402,7 +377,7 @@ def _outcome_text(trial: Trial, outcome: Mapping[str, Any], metric: str) -> str:
     seconds = f" ({outcome['seconds']:.1f} s)" if outcome.get("seconds") is not None else ""
     if outcome["status"] != "ok":
         return f"FAILED{seconds}: {outcome['error']}"
-    metrics = read_json(trial.config.out / "metrics.json") or {}
+    metrics = RunDir(trial.config.out).read_metrics() or {}
     value = metrics.get("best", {}).get(metric)
     return (f"{metric} {value:.4f}" if isinstance(value, (int, float)) else "ok") + seconds
 
@@ -428,231 +403,44 @@ def _spec(
     }
 
 
-# Fields whose recorded value legitimately differs between runs of the same trial.
+# Fields whose recorded value legitimately differs between runs of the same trial; the taps
+# are compared as resolved, never as spelled.
 _UNCOMPARED = ("cache", "out", "overwrite", "tap", "model", "device", "task")
 
 
 def _partition(trials: Sequence[Trial], cache: Cache) -> tuple[list[Trial], list[Trial]]:
     """Split into complete trials (checked to be the same trial) and ones to (re)run."""
     done, todo = [], []
+    family = family_of_cache(cache)
     for trial in trials:
-        folder = trial.config.out
-        if not (folder / "metrics.json").is_file():
+        run_dir = RunDir(trial.config.out)
+        if not run_dir.complete:
             todo.append(trial)
             continue
-        recorded = read_json(folder / "config.json") or {}
-        wanted = trial.config.to_dict()
+        record = run_dir.read_record()
+        if record is None:
+            raise RunError(
+                f"trial {trial.id} in {run_dir.path} has no readable {CONFIG_FILE}; use another "
+                "--out for a different sweep"
+            )
+        taps = None
         with contextlib.suppress(ConfigError):
-            wanted["tap"] = list(resolve_taps(trial.config.tap, cache, trial.config.late_layers))
-        wanted["cache_key"] = cache.manifest["key"]
-        for key in [f.name for f in fields(TrainConfig) if f.name not in _UNCOMPARED] + [
-            "tap",
-            "cache_key",
-        ]:
-            if recorded.get(key) != wanted[key]:
+            taps = list(resolve_taps(trial.config.tap, cache, trial.config.late_layers))
+        pairs = {
+            f.name: (getattr(record.config, f.name), getattr(trial.config, f.name))
+            for f in fields(TrainConfig)
+            if f.name not in _UNCOMPARED
+        }
+        pairs |= {
+            "tap": (list(record.taps), taps),
+            "pool": (record.config.pool, trial.config.pool or family.default_pool),
+            "cache_key": (record.cache_key, cache.manifest["key"]),
+        }
+        for key, (recorded, wanted) in pairs.items():
+            if recorded != wanted:
                 raise RunError(
-                    f"trial {trial.id} in {folder} was run with {key}={recorded.get(key)!r}, but "
-                    f"this sweep asks for {wanted[key]!r}; use another --out for a different sweep"
+                    f"trial {trial.id} in {run_dir.path} was run with {key}={recorded!r}, but "
+                    f"this sweep asks for {wanted!r}; use another --out for a different sweep"
                 )
         done.append(trial)
     return done, todo
-
-
-# --- the results table -----------------------------------------------------------------------
-
-
-def load_spec(out: Path) -> dict[str, Any]:
-    spec = read_json(Path(out) / SPEC_FILE)
-    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
-        raise RunError(
-            f"{out} is not a sweep folder (no readable {SPEC_FILE}); make one with: "
-            f"sherl-cache sweep --out {out} --cache CACHE --grid key=v1,v2"
-        )
-    return spec
-
-
-def collect_rows(out: Path, spec: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One row per finished trial (complete or failed), read from disk, in the spec's order.
-
-    Reading the folders rather than remembering outcomes makes the table the same after a
-    resume, and lets ``report`` work on a sweep that is still running.
-    """
-    out = Path(out)
-    spec = spec or load_spec(out)
-    rows = []
-    for entry in spec["trials"]:
-        tid = entry["id"]
-        folder = out / "trials" / tid
-        status = read_json(out / "status" / f"{tid}.json") or {}
-        row: dict[str, Any] = {"trial": tid, **entry["values"]}
-        metrics = read_json(folder / "metrics.json")
-        if isinstance(metrics, dict):
-            best = dict(metrics.get("best") or {})
-            row |= {
-                "status": "ok",
-                "error": None,
-                "best_epoch": best.pop("epoch", None),
-                "best_loss": best.pop("loss", None),
-            }
-            row |= best
-            row |= {
-                "peak_memory_bytes": metrics.get("peak_memory_bytes"),
-                "train_seconds": metrics.get("train_seconds"),
-                "seconds": status.get("seconds") if status.get("status") == "ok" else None,
-                "step_seconds_median": metrics.get("step_seconds_median"),
-                "trainable_params": metrics.get("trainable_params"),
-                "epochs_run": len(metrics.get("epochs", [])),
-                "device": metrics.get("device"),
-            }
-        elif status.get("status") == "failed":
-            row |= {
-                "status": "failed",
-                "error": status.get("error"),
-                "seconds": status.get("seconds"),
-            }
-        else:
-            continue  # not run yet, or running now
-        row["path"] = str(Path("trials") / tid)
-        rows.append(row)
-    return rows
-
-
-def write_results(out: Path) -> list[dict[str, Any]]:
-    """Rewrite ``<out>/results.parquet`` from the trial folders; returns its rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = collect_rows(out)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    table = (
-        pa.table({name: [row.get(name) for row in rows] for name in columns})
-        if rows
-        else pa.table({})
-    )
-    path = Path(out) / RESULTS_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return rows
-
-
-def read_results(out: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(Path(out) / RESULTS_FILE).to_pylist()
-
-
-# --- summaries -----------------------------------------------------------------------------
-
-
-def _score(row: Mapping[str, Any], metric: str) -> float:
-    value = row.get(metric)
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
-
-
-def ranked(rows: Sequence[Mapping[str, Any]], metric: str) -> list[Mapping[str, Any]]:
-    """Complete trials, best first by the main metric (every GLUE metric: higher is better)."""
-    return sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: -_score(r, metric))
-
-
-def seed_groups(
-    rows: Sequence[Mapping[str, Any]], swept: Sequence[str], metric: str
-) -> list[dict[str, Any]]:
-    """Mean and sample std of ``metric`` over seeds for each setting of the other swept keys."""
-    others = [k for k in swept if k != "seed"]
-    groups: dict[tuple, list[float]] = {}
-    for row in ranked(rows, metric):
-        groups.setdefault(tuple(row.get(k) for k in others), []).append(_score(row, metric))
-    summary = [
-        {
-            "values": dict(zip(others, key, strict=True)),
-            "mean": statistics.fmean(scores),
-            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-            "n": len(scores),
-        }
-        for key, scores in groups.items()
-    ]
-    return sorted(summary, key=lambda g: -g["mean"])
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3g}"
-    return str(value)
-
-
-def _mib(n: Any) -> str:
-    return f"{n / 2**20:.1f}" if isinstance(n, (int, float)) else "-"
-
-
-def format_summary(
-    rows: Sequence[Mapping[str, Any]], swept: Sequence[str], metric: str, limit: int | None = None
-) -> str:
-    """The ranked table, failures, the best configuration and, when seeds are swept, mean ± std."""
-    best_rows = ranked(rows, metric)
-    others = sorted(
-        {k for r in best_rows for k in r if k not in _NON_METRIC and k not in swept and k != metric}
-    )
-    header = ["rank", *swept, metric, *others, "epoch", "mem MiB", "time s"]
-    lines = [header]
-    for rank, row in enumerate(best_rows[:limit] if limit else best_rows, start=1):
-        seconds = row.get("seconds") if row.get("seconds") is not None else row.get("train_seconds")
-        lines.append(
-            [
-                str(rank),
-                *(_format(row.get(k)) for k in swept),
-                _cell(row.get(metric)),
-                *(_cell(row.get(k)) for k in others),
-                _cell(row.get("best_epoch")),
-                _mib(row.get("peak_memory_bytes")),
-                f"{seconds:.1f}" if seconds is not None else "-",
-            ]
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    ]
-    failed = [r for r in rows if r.get("status") == "failed"]
-    if failed:
-        text.append(f"failed: {len(failed)} trial(s)")
-        text += [f"  {r['trial']}: {r.get('error')}" for r in failed]
-    if not best_rows:
-        text.append("no trial completed")
-        return "\n".join(text)
-    top = best_rows[0]
-    text.append(f"best trial: {top['trial']} ({metric} {_cell(top.get(metric))}) in {top['path']}")
-    if "seed" in swept:
-        groups = seed_groups(rows, swept, metric)
-        text.append(f"mean ± std of {metric} over seeds:")
-        for g in groups:
-            setting = " ".join(f"{k}={_format(v)}" for k, v in g["values"].items()) or "(all)"
-            text.append(f"  {setting}: {g['mean']:.4f} ± {g['std']:.4f} (n={g['n']})")
-        g = groups[0]
-        setting = " ".join(f"{k}={_format(v)}" for k, v in g["values"].items()) or "(all)"
-        spread = f"{g['mean']:.4f} ± {g['std']:.4f} over {g['n']} seed(s)"
-        text.append(f"best configuration: {setting} ({metric} {spread})")
-    else:
-        setting = " ".join(f"{k}={_format(top.get(k))}" for k in swept)
-        text.append(f"best configuration: {setting}")
-    return "\n".join(text)
-
-
-# Row columns that are not metrics (everything else in a complete row is a best-epoch metric).
-_NON_METRIC = {
-    "trial",
-    "status",
-    "error",
-    "best_epoch",
-    "best_loss",
-    "peak_memory_bytes",
-    "train_seconds",
-    "seconds",
-    "step_seconds_median",
-    "trainable_params",
-    "epochs_run",
-    "device",
-    "path",
-}

@@ -1,11 +1,12 @@
 """Stage one on a dask.distributed cluster: one task per write unit, any fsspec store.
 
-The client does everything cheap and global, exactly as ``extract()`` does: it loads and
-tokenises every split (which fixes every example's token offset), builds the manifest and
-creates (or reopens) the store. The token axis of each split is already cut into shard-aligned
-*units* (``Geometry.unit_range``); each unit not yet flagged in ``units_done`` becomes one dask
-task that runs the backbone over that unit's examples and writes that unit's shards, then its
-flag. Nothing else writes token-axis data, so:
+The client does everything cheap and global through the same plan and store writer as
+``extract()`` (``plan.execute``): it loads and tokenises every split (which fixes every
+example's token offset), builds the manifest and creates (or reopens) the store. The token
+axis of each split is already cut into shard-aligned *units* (``Geometry.unit_range``); each
+unit not yet flagged in ``units_done`` becomes one dask task that runs the backbone over that
+unit's examples and writes that unit's shards, then its flag. Nothing else writes token-axis
+data, so:
 
 * no two tasks ever write the same shard (units are disjoint shard indices), which is what
   Zarr needs from parallel writers;
@@ -32,42 +33,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import logging
 import os
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from distributed import WorkerPlugin
 
-from ..cluster import connect
+from ..cluster import ClusterClient, cluster_client
+from ..config.extract import ExtractConfig
 from ..errors import CacheError, CacheMismatchError, ConfigError, NumericOverflowError
-from ..families import get_family
 from ..runtime import resolve_device
-from ..store.cache import Cache, Geometry, open_store
-from .extract import (
-    _TORN,
-    ExtractConfig,
-    ExtractPlan,
-    ExtractResult,
-    TokenizedSplit,
-    UnitWriter,
-    _create_store,
-    _existing_cache,
-    _remove_partial_files,
-    _totals,
-    _write_error,
-    cache_lock,
-    finish_extraction,
-    load_extraction_model,
-    plan_extraction,
-    run_unit,
-)
+from ..store.cache import open_store
+from ..store.writer import OpenedStore, UnitRange, UnitWriter, is_url, write_error
+from .engine import ExtractionModel, load_extraction_model, run_unit
+from .inputs import TokenizedSplit, unit_examples
+from .plan import ExtractPlan, ExtractResult, execute, plan_extraction
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -82,11 +68,6 @@ __all__ = [
 ]
 
 CONNECT_TIMEOUT_S = 10.0
-
-
-def is_url(path: str) -> bool:
-    """An fsspec URL (``s3://...``) rather than a local folder."""
-    return "://" in str(path)
 
 
 # --- what travels to the workers -----------------------------------------------------------
@@ -150,8 +131,7 @@ class UnitJob:
         stop: int,
         **common: Any,
     ) -> UnitJob:
-        first = int(np.searchsorted(offsets, start, side="right")) - 1
-        last = int(np.searchsorted(offsets, stop, side="left"))
+        first, last = unit_examples(offsets, start, stop)
         ids = tokens.input_ids[first:last]
         types = tokens.token_type_ids[first:last] if tokens.token_type_ids is not None else None
         return cls(
@@ -183,20 +163,13 @@ class UnitJob:
 # --- the worker side ------------------------------------------------------------------------
 
 
-@dataclass
-class _Loaded:
-    model: Any
-    device: Any
-    forward_kwargs: Callable[[dict], dict]
-
-
 _LOCK = threading.Lock()
-_BACKBONES: dict[BackboneSpec, _Loaded] = {}
+_BACKBONES: dict[BackboneSpec, ExtractionModel] = {}
 _STORES: dict[tuple[str, str], tuple[Any, dict[str, dict[str, Any]]]] = {}
 _MAX_OPEN_STORES = 4
 
 
-def _backbone(spec: BackboneSpec) -> _Loaded:
+def _backbone(spec: BackboneSpec) -> ExtractionModel:
     """This worker's copy of the backbone, loaded on first use and kept for every later task."""
     with _LOCK:
         if spec in _BACKBONES:
@@ -207,21 +180,19 @@ def _backbone(spec: BackboneSpec) -> _Loaded:
         hf_logging.disable_progress_bar()  # a worker's stderr is a log, not a terminal
         if spec.threads:
             torch.set_num_threads(spec.threads)  # N processes on C cores: C/N threads each
-        device = resolve_device(spec.device)
-        model, info, forward_kwargs = load_extraction_model(
+        loaded = load_extraction_model(
             spec.model,
             revision=spec.revision,
             dtype=spec.dtype,
-            device=device,
+            device=resolve_device(spec.device),
             trust_remote_code=spec.trust_remote_code,
         )
-        if info.weights_sha256 != spec.weights_sha256:
+        if loaded.info.weights_sha256 != spec.weights_sha256:
             raise CacheMismatchError(
                 f"worker {socket.gethostname()} loads other weights for {spec.model!r} (sha256 "
-                f"{info.weights_sha256[:12]}, the cache needs {spec.weights_sha256[:12]}); give "
-                "every worker the same checkpoint"
+                f"{loaded.info.weights_sha256[:12]}, the cache needs {spec.weights_sha256[:12]}); "
+                "give every worker the same checkpoint"
             )
-        loaded = _Loaded(model, device, forward_kwargs)
         _BACKBONES[spec] = loaded
         return loaded
 
@@ -229,7 +200,7 @@ def _backbone(spec: BackboneSpec) -> _Loaded:
 def _release(spec: BackboneSpec) -> None:
     with _LOCK:
         loaded = _BACKBONES.pop(spec, None)
-    if loaded is not None and getattr(loaded.device, "type", "cpu") == "cuda":
+    if loaded is not None and loaded.device.type == "cuda":
         import torch
 
         del loaded
@@ -248,15 +219,6 @@ def _split_arrays(path: str, store_id: str) -> tuple[Any, dict[str, dict[str, An
         return _STORES[key]
 
 
-def _write(job: UnitJob, unit) -> None:
-    """Write one unit with extract()'s own writer, so shard and flag order are the same."""
-    root, opened = _split_arrays(job.path, job.store_id)
-    writer = UnitWriter(root, job.layers, depth=1)
-    writer._open = opened  # share the opened arrays across this worker's tasks (see above)
-    writer.put(unit)
-    writer.close()  # waits for the write; re-raises its error
-
-
 _EXAMPLE = re.compile(r"(?<= example )(\d+)")
 
 
@@ -267,28 +229,21 @@ def extract_unit(spec: BackboneSpec, job: UnitJob) -> dict[str, Any]:
     the store.
     """
     began = time.perf_counter()
-    loaded = _backbone(spec)
-    tokens, offsets = job.tokens()
+    context = _backbone(spec).context(spec.dtype, job.layers, job.batch_size, job.pad_id)
+    tokens, _ = job.tokens()
+    local = UnitRange(job.unit, job.start - job.base, job.stop - job.base)
     try:
-        unit = run_unit(
-            loaded.model,
-            tokens,
-            offsets,
-            job.unit,
-            job.start - job.base,
-            job.stop - job.base,
-            job.layers,
-            spec.dtype,
-            job.batch_size,
-            loaded.device,
-            job.pad_id,
-            loaded.forward_kwargs,
-        )
+        unit = run_unit(context, tokens, local)
     except NumericOverflowError as exc:  # name the example by its index in the split
         raise NumericOverflowError(
             _EXAMPLE.sub(lambda m: str(int(m.group(1)) + job.first), str(exc), count=1)
         ) from None
-    _write(job, dataclasses.replace(unit, start=job.start, stop=job.stop))
+    # Written with extract()'s own writer, so shard and flag order are the same; the opened
+    # arrays are kept across this worker's tasks (see _split_arrays).
+    root, opened = _split_arrays(job.path, job.store_id)
+    writer = UnitWriter(root, job.layers, depth=1, opened=opened)
+    writer.put(dataclasses.replace(unit, start=job.start, stop=job.stop))
+    writer.close()  # waits for the write; re-raises its error
     return {
         "split": job.split,
         "unit": job.unit,
@@ -322,112 +277,6 @@ class BackbonePlugin(WorkerPlugin):
 # --- the client side ------------------------------------------------------------------------
 
 
-def _local_gpus(device: str) -> list[str]:
-    """CUDA devices a local cluster may use, as CUDA_VISIBLE_DEVICES entries."""
-    if device == "cpu":
-        return []
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return [d.strip() for d in visible.split(",") if d.strip()][: torch.cuda.device_count()]
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-@dataclass
-class _Cluster:
-    client: Client
-    gpu: bool  # submit every task with resources={"GPU": 1}
-    threads: int | None  # torch threads per worker, for workers this run started
-    described: str
-
-
-def _has_gpu_workers(client: Client) -> bool:
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    return any("GPU" in w.get("resources", {}) for w in workers.values())
-
-
-@contextlib.contextmanager
-def _cluster(
-    config: ExtractConfig,
-    workers: int,
-    scheduler: str | None,
-    client: Client | None,
-    report: Callable[[str], None],
-) -> Iterator[_Cluster]:
-    """The client to submit to: given, connected to ``scheduler``, or of a new local cluster.
-
-    A local cluster gets one worker process per GPU (each with ``resources={"GPU": 1}`` and
-    ``CUDA_VISIBLE_DEVICES`` set to its own device) or, without CUDA, ``workers`` CPU
-    processes sharing the cores; it listens on 127.0.0.1 only and is closed afterwards.
-    """
-    if client is not None:
-        yield _Cluster(client, _has_gpu_workers(client), None, "the given dask client")
-        return
-    if scheduler:
-        client = connect(scheduler, CONNECT_TIMEOUT_S)
-        try:
-            if not client.scheduler_info(n_workers=-1).get("workers"):
-                report(f"scheduler {scheduler} has no workers yet; units wait for one")
-            yield _Cluster(client, _has_gpu_workers(client), None, f"scheduler {scheduler}")
-        finally:
-            client.close()
-        return
-
-    from distributed import Client, Nanny, Scheduler, SpecCluster
-
-    resolve_device(config.device)  # --device cuda without CUDA fails here
-    gpus = _local_gpus(config.device)
-    if gpus and workers > len(gpus):
-        report(f"--workers {workers}: only {len(gpus)} GPU(s) visible, starting {len(gpus)}")
-    count = min(workers, len(gpus)) if gpus else workers
-    threads = max(1, (os.cpu_count() or 1) // count)
-    options: dict[str, Any] = {
-        "nthreads": 1,  # one unit at a time per worker: the GPU (or its cores) is the resource
-        "host": "127.0.0.1",
-        "dashboard": False,
-        "silence_logs": logging.ERROR,
-    }
-    specs = {
-        i: {
-            "cls": Nanny,
-            "options": dict(
-                options,
-                name=i,
-                resources={"GPU": 1} if gpus else None,
-                env=(
-                    {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {"OMP_NUM_THREADS": str(threads)}
-                ),
-            ),
-        }
-        for i in range(count)
-    }
-    cluster = SpecCluster(
-        workers=specs,
-        scheduler={
-            "cls": Scheduler,
-            "options": {
-                "host": "127.0.0.1",
-                "dashboard": True,
-                "dashboard_address": "127.0.0.1:0",  # never exposed beyond this machine
-            },
-        },
-        silence_logs=logging.ERROR,
-        name="sherl-cache-extract",
-    )
-    try:
-        client = Client(cluster, set_as_default=False)
-        try:
-            kind = "one per GPU" if gpus else f"CPU, {threads} thread(s) each"
-            yield _Cluster(client, bool(gpus), threads, f"local cluster: {count} worker(s), {kind}")
-        finally:
-            client.close()
-    finally:
-        cluster.close()
-
-
 def _dashboard_link(client: Client) -> str:
     try:
         return str(client.dashboard_link or "")
@@ -435,59 +284,22 @@ def _dashboard_link(client: Client) -> str:
         return ""
 
 
-def _open_or_create(
-    plan: ExtractPlan, report: Callable[[str], None]
-) -> tuple[Any, Cache | None, bool]:
-    """The store to fill, exactly as ``extract()`` opens it: (root, complete cache, resumed)."""
-    path, manifest = plan.path, plan.manifest
-    existing = _existing_cache(path, manifest)
-    if isinstance(existing, Cache) and existing.complete:
-        return None, existing, False
-    if isinstance(existing, Cache):
-        stored = existing.manifest["geometry"]
-        plan.geometry = Geometry(int(stored["chunk_tokens"]), int(stored["shard_tokens"]))
-        _remove_partial_files(path)
-        report(f"resuming incomplete cache {path}")
-        return open_store(path, mode="r+"), None, True
-    if existing == _TORN:
-        report(f"re-creating {path}: its creation was interrupted")
-    try:
-        root = _create_store(
-            path,
-            manifest,
-            plan.tokenized,
-            plan.layers,
-            plan.info.hidden_size,
-            plan.dtype,
-            plan.geometry,
-            torn=existing == _TORN,
-        )
-    except OSError as exc:
-        raise _write_error(exc) from exc
-    return root, None, False
-
-
-def _jobs(plan: ExtractPlan, root, config: ExtractConfig) -> tuple[list[UnitJob], int]:
-    """A job for every unit not yet flagged, and how many units the cache has in all."""
-    path = plan.path if is_url(plan.path) else os.path.abspath(plan.path)
-    pad_id = get_family(plan.info.family).pad_id(plan.tokenizer)
+def _jobs(plan: ExtractPlan, store: OpenedStore, batch_size: int) -> list[UnitJob]:
+    """A job for every unit not yet flagged."""
+    assert store.root is not None
     common = {
-        "path": path,
-        "store_id": str(root.attrs.get("created", "")),
+        "path": plan.path if is_url(plan.path) else os.path.abspath(plan.path),
+        "store_id": str(store.root.attrs.get("created", "")),
         "layers": plan.layers,
-        "batch_size": config.batch_size,
-        "pad_id": pad_id,
+        "batch_size": batch_size,
+        "pad_id": plan.pad_id,
     }
-    jobs, total = [], 0
-    for name, tokens in plan.tokenized.items():
-        offsets = tokens.offsets
-        num_tokens = int(offsets[-1])
-        done = root[name]["units_done"][:]
-        total += len(done)
-        for unit in (u for u in range(len(done)) if not done[u]):
-            start, stop = plan.geometry.unit_range(unit, num_tokens)
-            jobs.append(UnitJob.cut(tokens, offsets, unit, start, stop, **common))
-    return jobs, total
+    jobs = []
+    for name, units in store.pending().items():
+        tokens = plan.tokenized[name]
+        for unit in units:
+            jobs.append(UnitJob.cut(tokens, tokens.offsets, *unit, **common))
+    return jobs
 
 
 def _task_key(job: UnitJob) -> str:
@@ -504,9 +316,7 @@ def _task_error(job: UnitJob, exc: BaseException) -> BaseException:
             f"unit {job.unit} of split {job.split} killed its worker repeatedly (out of memory?); "
             "the cache stays resumable: fix the cause and re-run the same command"
         )
-    if isinstance(exc, OSError):
-        return _write_error(exc)
-    return exc
+    return write_error(exc)
 
 
 def extract_distributed(
@@ -521,9 +331,9 @@ def extract_distributed(
     """Run stage one on a dask cluster; the cache is the one ``extract(config)`` would write.
 
     The cluster is ``client`` if given, else the scheduler at ``scheduler``, else a new local
-    cluster of ``workers`` processes (one per GPU with CUDA). Reruns skip flagged units, so a
-    run killed anywhere (client or worker) is finished by running it again, with or without
-    a cluster.
+    cluster of ``workers`` processes (one per GPU with CUDA, see ``cluster.py``). Reruns skip
+    flagged units, so a run killed anywhere (client or worker) is finished by running it
+    again, with or without a cluster.
     """
     if client is None and not scheduler and workers < 1:
         raise ConfigError(f"--workers must be positive, got {workers}")
@@ -531,28 +341,37 @@ def extract_distributed(
         raise ConfigError("pass --workers (a local cluster) or --scheduler (an existing one)")
     began = time.perf_counter()
     plan = plan_extraction(config)
-    path = plan.path
-    with cache_lock(path):
-        root, complete, resumed = _open_or_create(plan, report)
-        if complete is not None:
-            report(f"cache {path} is already complete for these inputs; nothing to do")
-            return ExtractResult(path, resumed=False, already_complete=True, **_totals(complete))
-        jobs, total = _jobs(plan, root, config)
-        if jobs:
-            with _cluster(config, workers, scheduler, client, report) as cluster:
-                report(cluster.described)
-                _run_jobs(cluster, jobs, total, plan, config, report, progress)
-        return finish_extraction(root, path, resumed, began, report)
+
+    def fill(store: OpenedStore) -> None:
+        jobs = _jobs(plan, store, config.batch_size)
+        if not jobs:
+            return
+        if client is None and not scheduler:
+            resolve_device(config.device)  # --device cuda without CUDA fails here
+        with cluster_client(
+            client=client,
+            scheduler=scheduler,
+            workers=workers,
+            device=config.device,
+            timeout=CONNECT_TIMEOUT_S,
+            name="sherl-cache-extract",
+            tasks="units",
+            report=report,
+        ) as cluster:
+            report(cluster.described)
+            _run_jobs(cluster, jobs, store.total_units(), plan, config, progress, report)
+
+    return execute(plan, fill, report, began)
 
 
 def _run_jobs(
-    cluster: _Cluster,
+    cluster: ClusterClient,
     jobs: list[UnitJob],
     total: int,
     plan: ExtractPlan,
     config: ExtractConfig,
-    report: Callable[[str], None],
     progress: bool,
+    report: Callable[[str], None],
 ) -> None:
     """Load the backbone on every worker, submit one task per unit, follow them to the end."""
     from distributed import as_completed

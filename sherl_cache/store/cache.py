@@ -6,7 +6,8 @@ Layout (see docs/cache-format.md)::
     <cache>/<split>/offsets           (examples + 1,) int64   token offsets of each example
     <cache>/<split>/input_ids         (tokens,) int32         flat token axis, no padding
     <cache>/<split>/token_type_ids    (tokens,) int8          only for models that use them
-    <cache>/<split>/labels            (examples,) int64 | float32  (-1 / NaN when unlabelled)
+    <cache>/<split>/labels            (examples,) int64 | float32  class index | score; only in
+                                                                   labelled splits
     <cache>/<split>/hidden_007        (tokens, hidden)        hidden-state index 7
     <cache>/<split>/units_done        (units,) uint8          1 once a write unit is durable
 
@@ -109,6 +110,12 @@ class Geometry:
             unit_chunk_bytes = chunk_tokens * row_bytes * num_layers_stored
             shard_chunks = max(1, min(MAX_CHUNKS_PER_SHARD, UNIT_BUDGET_BYTES // unit_chunk_bytes))
         return cls(chunk_tokens=chunk_tokens, shard_tokens=chunk_tokens * shard_chunks)
+
+    @classmethod
+    def of(cls, manifest: Mapping[str, Any]) -> Geometry:
+        """The geometry a manifest records: every reader and resume must cut shards alike."""
+        stored = manifest["geometry"]
+        return cls(int(stored["chunk_tokens"]), int(stored["shard_tokens"]))
 
     def num_units(self, num_tokens: int) -> int:
         return max(1, math.ceil(num_tokens / self.shard_tokens))

@@ -22,13 +22,13 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
+from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
+from zarr.core.sync import sync  # zarr 3 has no public synchronous raw-key read (see _raw)
 
 from ..runtime import RTOL
-from ..store.cache import Cache, Geometry, hidden_name, open_cache
+from .cache import Cache, Geometry, hidden_name, open_cache
 
 EMPTY = 2**64 - 1  # sharding index entry of a chunk that is not in the shard
 
@@ -97,13 +97,18 @@ class VerifyReport:
         return lines
 
 
+# Where --recompute runs by default: float32 on the CPU is the reference the tolerances (RTOL)
+# are set against, and it is independent of the half-precision GPU pass that wrote the cache.
+RECOMPUTE_DEVICE = "cpu"
+
+
 def verify_cache(
     path: str,
     *,
     recompute: int = 0,
     seed: int = 0,
     model: str | None = None,
-    device: str = "auto",
+    device: str = RECOMPUTE_DEVICE,
 ) -> VerifyReport:
     """Check every byte of the cache at ``path``; optionally recompute ``recompute`` examples.
 
@@ -127,7 +132,11 @@ def verify_cache(
 
 
 def _raw(array: zarr.Array, key: str) -> bytes | None:
-    """The stored bytes of one chunk key, or None if absent: Zarr's reads hide the difference."""
+    """The stored bytes of one chunk key, or None if absent: Zarr's reads hide the difference.
+
+    ``sync`` runs the store's coroutine on Zarr's own event loop, which fsspec stores (S3) are
+    bound to; ``asyncio.run`` would use another loop, and ``Store._get_bytes_sync`` is private.
+    """
     buffer = sync((array.store_path / key).get(prototype=default_buffer_prototype()))
     return None if buffer is None else buffer.to_bytes()
 
@@ -176,8 +185,7 @@ def _verify_split(
                 Finding(split, "labels", f"has {len(labels)} entries for {meta['rows']} rows")
             )
 
-    stored = cache.manifest["geometry"]
-    geometry = Geometry(int(stored["chunk_tokens"]), int(stored["shard_tokens"]))
+    geometry = Geometry.of(cache.manifest)
     num_tokens = int(meta["tokens"])
     units = geometry.num_units(num_tokens)
     done = np.zeros(units, dtype=bool)

@@ -29,14 +29,14 @@ Deliberate differences from the reference, none of which change results on real 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config.train import FUSION_VARIANTS, FusionVariant
 from ..errors import ConfigError
 
 __all__ = [
@@ -49,8 +49,6 @@ __all__ = [
     "layer_redundancy",
 ]
 
-FusionVariant = Literal["linear", "gated"]
-FUSION_VARIANTS: tuple[FusionVariant, ...] = get_args(FusionVariant)
 
 # L1 normalisation eps of the T5 reference; the BERT one uses 1e-8, immaterial in practice.
 _L1_EPS = 1e-6
@@ -64,6 +62,14 @@ def _check_int(value: object, flag: str, minimum: int) -> None:
     # bool is an int subclass; True taps is never what a user meant.
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(value: object, flag: str, bounds: str, within: Callable[[float], bool]) -> None:
+    # ``within`` is False for NaN, so NaN is rejected too.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{flag} must be a number {bounds}, got {value!r}")
+    if not within(value):
+        raise ConfigError(f"{flag} must be {bounds}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -96,21 +102,13 @@ class FusionConfig:
                 f"--reduction {self.reduction} exceeds the hidden size {self.hidden_size}: "
                 f"the fusion bottleneck would have 0 units; use --reduction <= {self.hidden_size}"
             )
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise ConfigError(f"--fusion-dropout must be a number in [0, 1), got {dropout!r}")
-        if not 0.0 <= dropout < 1.0:  # also rejects NaN
-            raise ConfigError(f"--fusion-dropout must be in [0, 1), got {dropout!r}")
+        _check_number(self.dropout, "--fusion-dropout", "in [0, 1)", lambda v: 0.0 <= v < 1.0)
         if self.variant not in FUSION_VARIANTS:
             raise ConfigError(
                 f"--fusion-variant must be one of {', '.join(FUSION_VARIANTS)}, "
                 f"got {self.variant!r}"
             )
-        temperature = self.gate_temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise ConfigError(f"gate_temperature must be a number > 0, got {temperature!r}")
-        if not temperature > 0.0:
-            raise ConfigError(f"gate_temperature must be > 0, got {temperature!r}")
+        _check_number(self.gate_temperature, "gate_temperature", "> 0", lambda v: v > 0.0)
 
     @property
     def bottleneck_size(self) -> int:

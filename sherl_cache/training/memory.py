@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -38,14 +38,14 @@ class MemoryMeter:
             self.resettable = True
         except OSError:
             self.resettable = False
-        self.baseline = (_status_kib("VmRSS") or 0) * 1024
+        self.baseline = (status_kib("VmRSS") or 0) * 1024
 
     def peak(self) -> tuple[int, str]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) - self.baseline
             return max(0, peak), "cuda max_memory_allocated above the allocation at start"
-        high = (_status_kib("VmHWM") or 0) * 1024
+        high = (status_kib("VmHWM") or 0) * 1024
         how = "cpu peak RSS (VmHWM) above the RSS at start"
         if not self.resettable:
             how += " (high-water mark not resettable: includes earlier peaks)"

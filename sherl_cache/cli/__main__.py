@@ -1,0 +1,7 @@
+"""``python -m sherl_cache.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

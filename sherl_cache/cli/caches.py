@@ -1,0 +1,131 @@
+"""Commands on caches: ``extract`` writes one, ``info`` describes it, ``verify`` checks it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from ..config.extract import ExtractConfig
+from ..store.verify import RECOMPUTE_DEVICE, verify_cache
+from .app import app, err, human, reports_errors
+from .options import (
+    device_option,
+    quiet_option,
+    scheduler_option,
+    settings_options,
+    workers_option,
+)
+
+
+def _data_files(text: str) -> Any:
+    from ..data.files import parse_data_option
+
+    return parse_data_option(text)
+
+
+@app.command()
+@reports_errors
+@settings_options(ExtractConfig, parsers={"data_files": _data_files})
+def extract(
+    settings: dict[str, Any],
+    workers: int | None = workers_option(
+        None, "Extract on a local dask cluster of N processes (one per GPU)."
+    ),
+    scheduler: str | None = scheduler_option(),
+    quiet: bool = quiet_option(),
+) -> None:
+    """Stream a data set through the frozen backbone once and cache per-layer activations."""
+    config = ExtractConfig(**settings)
+    if workers is not None or scheduler is not None:
+        from ..extraction.distributed import extract_distributed
+
+        result = extract_distributed(
+            config, workers=workers or 0, scheduler=scheduler, report=err, progress=not quiet
+        )
+    else:
+        from ..extraction.extract import extract as run_extract
+
+        result = run_extract(config, report=err, progress=not quiet)
+    typer.echo(result.path)
+
+
+@app.command()
+@reports_errors
+def info(
+    path: str = typer.Argument(..., help="Cache path."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest and sizes as JSON."),
+) -> None:
+    """What is in a cache: model, splits, layers, shapes, dtype, sizes, compression."""
+    from ..store.cache import open_cache
+    from ..store.writer import storage_stats
+
+    cache = open_cache(path, allow_incomplete=True)
+    manifest = cache.manifest
+    stats = storage_stats(cache)
+    if as_json:
+        typer.echo(json.dumps({"manifest": manifest, "stats": stats}, indent=2, default=str))
+        return
+    model = manifest["model"]
+    lines = [
+        f"cache      {path}",
+        "state      "
+        + ("complete" if cache.complete else f"INCOMPLETE (re-run: {manifest.get('command')})"),
+        f"model      {model['model_id']} ({model['architecture']}, {model['family']}, "
+        f"{model['num_layers']} layers, hidden {model['hidden_size']})",
+        f"weights    sha256 {model['weights_sha256'][:16]}…"
+        + (f" revision {model['revision']}" if model.get("revision") else ""),
+        f"tokenizer  {manifest['tokenizer']['class']} "
+        f"(vocab {manifest['tokenizer']['vocab_size']}), "
+        f"max length {manifest['max_length']}, truncation {manifest['truncation_side']}",
+        f"task       {manifest['task']['name']} ({manifest['task']['problem']}) "
+        f"from {manifest['data']['source']}",
+        f"dtype      {manifest['dtype']}",
+        f"layers     {', '.join(map(str, cache.layers))} "
+        f"(index {manifest['guaranteed_layer']} = input of the last layer, always stored "
+        "for the late route)",
+    ]
+    lines.append("splits")
+    for split in cache.splits:
+        s = stats["per_split"][split]
+        meta = manifest["splits"][split]
+        ratio = s["bytes_raw"] / s["bytes_stored"] if s["bytes_stored"] else float("nan")
+        lines.append(
+            f"  {split:<11}{s['rows']:>8} rows {s['tokens']:>10} tokens  "
+            f"({len(cache.layers)} x {s['tokens']} x {cache.hidden_size})  "
+            f"{human(s['bytes_stored'])} on disk, {ratio:.2f}x  "
+            f"truncated {meta['truncated']}{'' if meta['labelled'] else '  unlabelled'}"
+        )
+    total_ratio = (
+        stats["bytes_raw"] / stats["bytes_stored"] if stats["bytes_stored"] else float("nan")
+    )
+    lines.append(
+        f"total      {human(stats['bytes_stored'])} on disk, {human(stats['bytes_raw'])} raw, "
+        f"compression {total_ratio:.2f}x"
+    )
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+@reports_errors
+def verify(
+    path: str = typer.Argument(..., help="Cache path."),
+    recompute: int = typer.Option(
+        0, "--recompute", help="Also re-run N random examples through the backbone and compare."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for picking the --recompute examples."),
+    model: str | None = typer.Option(
+        None, "--model", help="Backbone for --recompute (default: the manifest's)."
+    ),
+    device: str = device_option(RECOMPUTE_DEVICE, "--recompute"),
+) -> None:
+    """Read every chunk back; exit 1 listing corrupt or missing data by split, layer, example."""
+    if recompute < 0:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--recompute must be 0 or more, got {recompute}")
+    report = verify_cache(path, recompute=recompute, seed=seed, model=model, device=device)
+    typer.echo("\n".join(report.lines()))
+    if not report.ok:
+        raise typer.Exit(code=1)

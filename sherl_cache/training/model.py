@@ -1,0 +1,107 @@
+"""The SHERL model: MTSA fusion of the tapped states, the last k pre-trained layers, a head.
+
+The late layers are frozen, fully trained or adapted with LoRA (through PEFT, on the modules
+the family names in ``lora_targets``); only what trains is saved in a run's checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..backbone.hub import backbone_parameter_count
+from ..backbone.late import build_late_route
+from ..config.train import Pool, TrainConfig
+from ..data.tasks import Problem, TaskSpec
+from ..families import Family, LateRoute, get_family
+from ..store.cache import Cache
+from .features import Batch
+from .fusion import FusionConfig, MTSAFusion
+
+
+class SherlModel(nn.Module):
+    """MTSA fusion -> last k pre-trained layers -> pooled task head."""
+
+    def __init__(
+        self, fusion: MTSAFusion, late: LateRoute, task: TaskSpec, pool: Pool, head_dropout: float
+    ):
+        super().__init__()
+        self.fusion, self.late, self.pool = fusion, late, pool
+        hidden = fusion.config.hidden_size
+        outputs = 1 if task.problem == Problem.REGRESSION else task.num_labels
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(hidden, outputs))
+        self.regression = task.problem == Problem.REGRESSION
+
+    def forward(self, batch: Batch) -> Tensor:
+        fused = self.fusion(batch.taps, batch.last, batch.mask)
+        states = self.late(fused, batch.mask)
+        if self.pool == "first":
+            pooled = states[:, 0]
+        else:  # masked mean: every real token counts, padding never does
+            weights = batch.mask[..., None].to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        logits = self.head(pooled)
+        return logits.squeeze(-1) if self.regression else logits
+
+    def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        if self.regression:
+            return nn.functional.mse_loss(outputs, labels.float())
+        return nn.functional.cross_entropy(outputs, labels.long())
+
+
+def build_model(
+    config: TrainConfig,
+    backbone: Cache | Mapping[str, Any],
+    task: TaskSpec,
+    taps: Sequence[int],
+    model_path: str,
+) -> SherlModel:
+    """A freshly initialised SherlModel (seeded), late layers read from ``model_path``.
+
+    ``backbone`` is the backbone identity as a cache manifest records it (``model``: family,
+    hidden_size, ...); a Cache stands for its own. Taking the identity rather than a cache lets
+    a run be rebuilt for prediction from its config.json alone.
+    """
+    identity = backbone.manifest["model"] if isinstance(backbone, Cache) else backbone
+    torch.manual_seed(config.seed)
+    fusion = MTSAFusion(
+        FusionConfig(
+            hidden_size=int(identity["hidden_size"]),
+            num_taps=len(taps),
+            reduction=config.reduction,
+            dropout=config.fusion_dropout,
+            variant=config.fusion_variant,
+        )
+    )
+    family = get_family(identity["family"])
+    late = build_late_route(model_path, config.late_layers)
+    pool = config.pool or family.default_pool  # no pool given: the family's
+    model = SherlModel(fusion, late, task, pool, config.head_dropout)
+    model.late.requires_grad_(config.late_mode == "full")
+    if config.late_mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.late.named_modules()}
+        targets = [t for t in family.lora_targets if t in present]
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
+        inject_adapter_in_model(lora, model.late)
+        for name, param in model.late.named_parameters():
+            param.requires_grad_("lora_" in name)
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def parameter_counts(model: SherlModel, model_path: str, family: Family) -> tuple[int, int]:
+    """(trainable, total): total is the whole backbone plus what SHERL adds to it (fusion,
+    head, LoRA), so the trainable share compares with fine-tuning the backbone."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    added = sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("late.") or "lora_" in n
+    )
+    return int(trainable), int(backbone_parameter_count(model_path, family) + added)

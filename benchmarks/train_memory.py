@@ -84,6 +84,7 @@ def train_config(plan: dict[str, Any]) -> TrainConfig:
         out=Path(plan["work"]) / "out",
         late_layers=plan["late_layers"],
         late_mode=plan["late_mode"],
+        tap=plan.get("tap", "default"),
         batch_size=plan["batch_size"],
         epochs=1,
         device=plan["device"],

@@ -11,7 +11,7 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    pip install -q "${TORCH_SPEC:-torch>=2.4}"
+    pip install -q "${TORCH_SPEC:-torch>=2.13}"
   else
     pip install -q "${TORCH_SPEC:-torch==2.13.0}"  # CPU build on this kind of machine
   fi

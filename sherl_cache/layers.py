@@ -9,6 +9,22 @@ from __future__ import annotations
 from .errors import ConfigError
 
 
+def is_layer_spec(spec: str) -> bool:
+    """Whether ``spec`` is spelled like a layer spec; checked before any model is loaded, so a
+    typo fails at once rather than after the data is read (ranges need the model)."""
+    text = spec.strip().lower()
+    if text == "all":
+        return True
+    if text.startswith("every:"):
+        step = text.split(":", 1)[1]
+        return step.isdigit() and int(step) >= 1
+    try:
+        [int(part) for part in text.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
 def parse_layer_spec(spec: str, num_layers: int, flag: str = "--layers") -> tuple[int, ...]:
     """Resolve ``all``, ``every:N`` or ``i,j,k`` (negative counts from L) to sorted indices."""
     text = spec.strip().lower()

@@ -19,20 +19,35 @@ if TYPE_CHECKING:
 
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
-StorageDtype = Literal["float32", "float16", "bfloat16"]
+StorageDtype = Literal["float32", "float16", "bfloat16", "int8", "float8_e4m3"]
 STORAGE_DTYPE_NAMES: tuple[str, ...] = get_args(StorageDtype)
-# How each storage dtype is held in numpy and Zarr: bfloat16 is not a Zarr dtype, so its raw
-# bits are stored as uint16 and the dtype is recorded in the manifest.
+# How each storage dtype is held in numpy and Zarr: bfloat16 and float8 are not Zarr dtypes, so
+# their raw bits are stored as unsigned integers and the dtype is recorded in the manifest.
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(np.uint16),
+    "int8": np.dtype(np.int8),
+    "float8_e4m3": np.dtype(np.uint8),
 }
 FLOAT16_MAX = 65504.0
-# Recomputation tolerance: |cached - recomputed| <= RTOL * (|recomputed| + rms(recomputed)).
-# Scaling by the layer's RMS keeps it meaningful for unnormalised residual streams (T5), and
-# the factors leave room for GPU half-precision compute against a CPU float32 recomputation.
-RTOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2}
+# Lossy dtypes store each token's values divided by a per-token scale (its absolute maximum over
+# the hidden axis / the code's largest value), rounded to nearest; the float32 scale is stored
+# beside them (``scale_NNN``). Error bound per value x with scale s: int8 |e| <= s/2; float8
+# e4m3 (OCP "fn": 3 mantissa bits, largest 448) |e| <= |x|/16 + s/1024 (half a step, normal
+# or subnormal).
+SCALED_MAX = {"int8": 127.0, "float8_e4m3": 448.0}
+SCALE_DTYPE = np.dtype(np.float32)
+# Recomputation tolerance: |cached - recomputed| <= RTOL * (|recomputed| + rms(recomputed))
+# (+ the error bound above for lossy dtypes). Scaling by the layer's RMS keeps it meaningful for
+# unnormalised residual streams (T5), and the factors leave room for GPU half-precision compute
+# against a CPU float32 recomputation; lossy dtypes are computed in float32 everywhere.
+RTOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2, "int8": 1e-3, "float8_e4m3": 1e-3}
+
+
+def is_scaled(dtype: str) -> bool:
+    """Whether ``dtype`` is lossy, stored as codes and a per-token scale."""
+    return dtype in SCALED_MAX
 
 
 def check_device(device: str, flag: str = "--device") -> str:
@@ -58,7 +73,7 @@ def compute_dtype(device: torch.device, storage: str) -> torch.dtype:
     GPU computes in the storage dtype."""
     import torch
 
-    if device.type == "cpu" or storage == "float32":
+    if device.type == "cpu" or storage == "float32" or is_scaled(storage):
         return torch.float32
     return getattr(torch, storage)
 
@@ -75,15 +90,37 @@ def to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(STORAGE_DTYPES[dtype], copy=False)
 
 
-def from_storage(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored representation -> float32."""
+def from_storage(values: np.ndarray, dtype: str, scales: np.ndarray | None = None) -> np.ndarray:
+    """Stored representation -> float32; lossy dtypes need their per-token ``scales``
+    (shape ``values.shape[:-1]``)."""
     if dtype == "bfloat16":
         return (values.astype(np.uint32) << 16).view(np.float32)
+    if is_scaled(dtype):
+        if scales is None:
+            raise ValueError(f"{dtype} values are decoded with their per-token scales")
+        codes = FLOAT8_E4M3[values] if dtype == "float8_e4m3" else values.astype(np.float32)
+        return codes * scales.astype(np.float32, copy=False)[..., None]
     return values.astype(np.float32, copy=False)
 
 
+def _float8_e4m3_table() -> np.ndarray:
+    """float32 value of each of the 256 e4m3fn bit patterns (sign, 4 exponent bits with bias 7,
+    3 mantissa bits, no infinities, NaN at S.1111.111): numpy has no float8."""
+    bits = np.arange(256)
+    exponent, mantissa = (bits >> 3) & 0xF, bits & 0x7
+    normal = (1 + mantissa / 8) * np.exp2(exponent - 7.0)
+    values = np.where(exponent == 0, mantissa / 8 * 2.0**-6, normal)
+    values = np.where(bits >= 128, -values, values)
+    values[(exponent == 0xF) & (mantissa == 0x7)] = np.nan
+    return values.astype(np.float32)
+
+
+FLOAT8_E4M3 = _float8_e4m3_table()
+
+
 def storage_tensor(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
-    """A tensor in the stored representation, ready for ``.numpy()`` (bfloat16 as int16 bits)."""
+    """A tensor in the stored representation, ready for ``.numpy()`` (bfloat16 as int16 bits);
+    lossy dtypes go through ``quantize``."""
     import torch
 
     if dtype == "bfloat16":
@@ -91,14 +128,51 @@ def storage_tensor(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
     return hidden.to(getattr(torch, dtype))
 
 
+def quantize(states: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, per-token float32 scales) of ``states`` (..., d) in a lossy dtype; codes are
+    int8, or float8 e4m3 bits as uint8."""
+    import torch
+
+    values = states.float()
+    peak = values.abs().amax(dim=-1)
+    scales = torch.where(peak > 0, peak / SCALED_MAX[dtype], torch.ones_like(peak))
+    scaled = values / scales[..., None]
+    if dtype == "int8":
+        return torch.round(scaled).clamp_(-127, 127).to(torch.int8), scales
+    limit = SCALED_MAX[dtype]
+    return scaled.clamp_(-limit, limit).to(torch.float8_e4m3fn).view(torch.uint8), scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: str) -> torch.Tensor:
+    """float32 values of ``quantize``'s output, as a cache reader decodes them."""
+    import torch
+
+    values = codes.view(torch.float8_e4m3fn) if dtype == "float8_e4m3" else codes
+    return values.float() * scales[..., None]
+
+
 def round_to_storage(states: torch.Tensor, dtype: str) -> torch.Tensor:
-    """float32 states rounded as the cache stores them (round to nearest even), kept float32:
-    features computed on the fly then equal the cached ones."""
+    """float32 states rounded as the cache stores them (round to nearest even; lossy dtypes
+    quantized and decoded), kept float32: features computed on the fly then equal the cached
+    ones."""
     if dtype == "float32":
         return states
+    if is_scaled(dtype):
+        return dequantize(*quantize(states, dtype), dtype)
     import torch
 
     return states.to(getattr(torch, dtype)).float()
+
+
+def error_bound(values: np.ndarray, dtype: str) -> np.ndarray:
+    """The largest storage error a lossy ``dtype`` allows for each of ``values`` (..., d):
+    half a code step at the per-token scale (0 for exact dtypes: they are covered by RTOL)."""
+    if not is_scaled(dtype):
+        return np.zeros_like(values, dtype=np.float32)
+    scales = np.abs(values).max(axis=-1, keepdims=True) / SCALED_MAX[dtype]
+    if dtype == "int8":
+        return np.broadcast_to(scales / 2, values.shape).astype(np.float32)
+    return (np.abs(values) / 16 + scales / 1024).astype(np.float32)
 
 
 # --- batches -----------------------------------------------------------------------------------

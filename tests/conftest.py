@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random backbones of each supported family, and small GLUE folders.
 
 Nothing here touches the network: models are built from configs and saved with
-``save_pretrained``; the tokenizer is a small WordPiece vocabulary written on the spot.
+``save_pretrained``. Encoders get a small WordPiece vocabulary written on the spot; decoder-only
+models get a small byte-level BPE tokenizer trained with ``tokenizers`` on MRPC-style text,
+with BOS/EOS and no pad token, as the hub's LLM tokenizers are.
 """
 
 from __future__ import annotations
@@ -38,6 +40,97 @@ def make_tokenizer(folder: Path):
     tok = BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(folder)
     return tok
+
+
+def make_bpe_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    rng = random.Random(0)
+    bpe.train_from_iterator([random_sentence(rng) for _ in range(400)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def _causal_widths(vocab: int, tok, num_layers: int) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=160,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+    )
+
+
+def _llama(vocab: int, tok, num_layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**_causal_widths(vocab, tok, num_layers)))
+
+
+def _mistral(vocab: int, tok, num_layers: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    # A window shorter than the test texts, so the late route must apply it as the model does.
+    config = MistralConfig(**_causal_widths(vocab, tok, num_layers), sliding_window=8)
+    return MistralForCausalLM(config)
+
+
+def _qwen2(vocab: int, tok, num_layers: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # Sliding windows on the upper layers only: the route's masks differ per layer.
+    config = Qwen2Config(
+        **_causal_widths(vocab, tok, num_layers),
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=num_layers // 2,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def _qwen3(vocab: int, tok, num_layers: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(**_causal_widths(vocab, tok, num_layers), head_dim=8))
+
+
+def _phi3(vocab: int, tok, num_layers: int):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(**_causal_widths(vocab, tok, num_layers), partial_rotary_factor=0.5)
+    return Phi3ForCausalLM(config)
+
+
+def _gpt2(vocab: int, tok, num_layers: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=32,
+        n_layer=num_layers,
+        n_head=4,
+        n_positions=160,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return GPT2LMHeadModel(config)
 
 
 def _bert(vocab: int, tok, num_layers: int):
@@ -93,10 +186,22 @@ def _t5(vocab: int, tok, num_layers: int):
 
 # One tiny random model per supported family: adding a family adds one entry here, and every
 # test parametrized over FAMILIES covers it (test_backbones checks the registry matches).
-MODEL_BUILDERS = {"bert": _bert, "roberta": _roberta, "t5": _t5}
+MODEL_BUILDERS = {
+    "bert": _bert,
+    "roberta": _roberta,
+    "t5": _t5,
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "phi3": _phi3,
+    "gpt2": _gpt2,
+}
 FAMILIES = tuple(MODEL_BUILDERS)
+CAUSAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
+ENCODER_FAMILIES = tuple(f for f in FAMILIES if f not in CAUSAL_FAMILIES)
 # The transformers class a test loads for a reference forward pass, independent of the library.
-REFERENCE_CLASSES = {"bert": "AutoModel", "roberta": "AutoModel", "t5": "T5EncoderModel"}
+REFERENCE_CLASSES = dict.fromkeys(FAMILIES, "AutoModel") | {"t5": "T5EncoderModel"}
 
 
 def reference_backbone(model_dir, family: str):
@@ -112,7 +217,7 @@ def reference_backbone(model_dir, family: str):
 
 def build_tiny_model(family: str, folder: Path, num_layers: int = 4, seed: int = 0) -> Path:
     """Save a random model of ``family`` with a WordPiece tokenizer into ``folder``."""
-    tok = make_tokenizer(folder)
+    tok = (make_bpe_tokenizer if family in CAUSAL_FAMILIES else make_tokenizer)(folder)
     torch.manual_seed(seed)
     model = MODEL_BUILDERS[family](len(tok), tok, num_layers)
     with torch.no_grad():  # random init leaves some norms at 1 and biases at 0: perturb them

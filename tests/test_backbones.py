@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES, build_tiny_model
-from transformers import BertForSequenceClassification, BertModel, GPT2Config, GPT2Model
+from transformers import BertForSequenceClassification, BertModel, OPTConfig, OPTModel
 
 from sherl_cache.backbone import hub
 from sherl_cache.backbone.frozen import load_backbone, run_lower_layers
@@ -17,6 +17,8 @@ from sherl_cache.backbone.hub import inspect_backbone, resolve_model_dir
 from sherl_cache.backbone.late import build_late_route, load_late_state_dict
 from sherl_cache.errors import ConfigError, ModelLoadError
 from sherl_cache.families import FAMILIES as REGISTERED_FAMILIES
+from sherl_cache.families import get_family
+from sherl_cache.runtime import pad
 
 SENTENCES = [
     "the company said shares rose .",
@@ -26,17 +28,21 @@ SENTENCES = [
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 
 
+def _padded_batch(tokenizer, family) -> dict[str, torch.Tensor]:
+    """SENTENCES as the family encodes them, right-padded to the longest."""
+    ids, mask = pad(
+        family.encode(tokenizer, [SENTENCES], None)["input_ids"], family.pad_id(tokenizer)
+    )
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def _forward(path: Path) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...], int]:
     """A padded batch of different lengths and the full model's hidden states on it."""
     model, tokenizer, info = load_backbone(str(path))
-    batch = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    batch = _padded_batch(tokenizer, get_family(info.family))
     assert batch["attention_mask"].min() == 0  # the batch really is padded
     with torch.no_grad():
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            output_hidden_states=True,
-        )
+        out = model(**batch, output_hidden_states=True)
     assert len(out.hidden_states) == info.num_layers + 1
     torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
     return batch, out.hidden_states, info.num_layers
@@ -124,7 +130,7 @@ def test_route_is_trainable_and_dropout_applies_in_train_mode(tiny_models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_run_lower_layers_matches_hidden_states(tiny_models, family):
     model, tokenizer, info = load_backbone(str(tiny_models[family]))
-    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    batch = _padded_batch(tokenizer, get_family(family))
     with torch.no_grad():
         full = model(**batch, output_hidden_states=True).hidden_states
         for n in (0, 2, info.num_layers):
@@ -155,8 +161,17 @@ def test_folder_without_safetensors(tiny_models, tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100)).save_pretrained(tmp_path)
-    message = r"unsupported architecture 'gpt2' \(--model\): supported: bert, roberta, t5"
+    OPTModel(
+        OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            vocab_size=100,
+            word_embed_proj_dim=32,
+        )
+    ).save_pretrained(tmp_path)
+    message = rf"unsupported architecture 'opt' \(--model\): supported: {', '.join(FAMILIES)}"
     for call in (inspect_backbone, load_backbone, lambda m: build_late_route(m, 1)):
         with pytest.raises(ModelLoadError, match=message):
             call(str(tmp_path))

@@ -63,7 +63,7 @@ def test_extract_info_train_end_to_end(tmp_path, tiny_models, glue_dir):
     assert trained.stdout.strip().splitlines()[-1] == str(out)
     assert "best epoch" in trained.stderr and "trainable" in trained.stderr
     assert {p.name for p in out.iterdir()} >= {
-        "config.json",
+        "sherl_config.json",
         "metrics.json",
         "trainable.safetensors",
     }
@@ -84,7 +84,7 @@ def test_extract_info_train_end_to_end(tmp_path, tiny_models, glue_dir):
         "8",
         "--quiet",
     )
-    assert json.loads((tmp_path / "run2" / "config.json").read_text())["cache"] == path
+    assert json.loads((tmp_path / "run2" / "sherl_config.json").read_text())["cache"] == path
     assert found.returncode == 0
 
 
@@ -223,7 +223,7 @@ def test_every_option_has_help_and_choices_are_listed():
         for param in command.params:
             assert param.help, f"{name} {param.name}"
     shown = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
-    for choices in ("<frozen|full|lora>", "<linear|gated>", "<mean|first>", "<auto|cpu|cuda>"):
+    for choices in ("<frozen|full|lora>", "<linear|gated>", "<mean|first|last>", "<auto|cpu|cuda>"):
         assert choices in shown
 
 

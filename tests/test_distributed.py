@@ -43,6 +43,7 @@ def config_for(model: Path, glue_dir: Path, cache: str, **overrides) -> ExtractC
         chunk_tokens=64,
         shard_chunks=2,  # 128-token units: the 24-row train split has 6 of them
         device="cpu",
+        layers="all",
     )
     values.update(overrides)
     return ExtractConfig(**values)
@@ -217,6 +218,7 @@ def test_client_killed_then_rerun_is_bit_identical(
         "extract", "--model", str(tiny_models["bert"]), "--task", "mrpc", "--data-dir",
         str(glue_dir), "--cache", path, "--batch-size", "4", "--max-length", "40",
         "--chunk-tokens", "64", "--shard-chunks", "2", "--device", "cpu", "--quiet",
+        "--layers", "all",
     ]  # fmt: skip
     env = dict(os.environ)
     if cluster == "scheduler":

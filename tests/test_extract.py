@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import FAMILIES, reference_backbone
+from conftest import CAUSAL_FAMILIES, FAMILIES, reference_backbone
 from transformers import AutoModel, AutoTokenizer
 
 from sherl_cache import open_cache
@@ -36,11 +36,24 @@ def reference_model(model_dir, family):
     return tok, model, accepted
 
 
+def direct_encoding(tok, family, texts, max_length) -> dict[str, list[int]]:
+    """The documented input layout, written out independently of the library: the tokenizer's
+    own pair format for encoders; BOS + "{text_a}\n{text_b}" + EOS, truncated before EOS, for
+    decoder-only models."""
+    if family not in CAUSAL_FAMILIES:
+        return dict(tok(*texts, truncation=True, max_length=max_length))
+    body = tok("\n".join(texts), add_special_tokens=False)["input_ids"][: max_length - 2]
+    ids = [tok.bos_token_id, *body, tok.eos_token_id]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
 def direct_hidden_states(model_dir, family, texts, max_length):
+    """(input ids, hidden states) of one example run alone, unpadded, straight from transformers."""
     tok, model, accepted = reference_model(model_dir, family)
-    enc = tok(*texts, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = direct_encoding(tok, family, texts, max_length)
+    inputs = {name: torch.tensor([values]) for name, values in accepted(enc).items()}
     with torch.no_grad():
-        return model(**accepted(dict(enc)), output_hidden_states=True).hidden_states
+        return enc["input_ids"], model(**inputs, output_hidden_states=True).hidden_states
 
 
 def small_config(tmp_path, model, glue_dir, **overrides):
@@ -67,10 +80,15 @@ def test_cached_tokens_equal_direct_forward(tmp_path, tiny_models, glue_dir, fam
     from sherl_cache.data.files import load_glue
     from sherl_cache.data.tasks import get_task
 
-    result = extract(
-        small_config(tmp_path, tiny_models[family], glue_dir, dtype=dtype), progress=False
+    config = small_config(
+        tmp_path,
+        tiny_models[family],
+        glue_dir,
+        dtype=dtype,
+        layers="all",
+        splits=("train", "validation", "test"),
     )
-    cache = open_cache(result.path)
+    cache = open_cache(extract(config, progress=False).path)
     assert cache.dtype == dtype
     assert cache.layers == list(range(5))
     data = load_glue(get_task("mrpc"), glue_dir)
@@ -78,14 +96,9 @@ def test_cached_tokens_equal_direct_forward(tmp_path, tiny_models, glue_dir, fam
         rows = data.splits[split]
         assert cache.num_examples(split) == len(rows)
         for i in range(len(rows)):
-            texts = tuple([column[i]] for column in rows.texts)
-            states = direct_hidden_states(tiny_models[family], family, texts, 40)
-            np.testing.assert_array_equal(
-                cache.input_ids(split, i),
-                reference_model(tiny_models[family], family)[0](
-                    *[t[0] for t in texts], truncation=True, max_length=40
-                )["input_ids"],
-            )
+            texts = tuple(column[i] for column in rows.texts)
+            ids, states = direct_hidden_states(tiny_models[family], family, texts, 40)
+            np.testing.assert_array_equal(cache.input_ids(split, i), ids)
             for layer in cache.layers:
                 torch.testing.assert_close(
                     torch.from_numpy(cache.hidden(split, layer, i)),
@@ -114,7 +127,8 @@ def test_format_readable_by_zarr_dask_xarray(tmp_path, tiny_models, glue_dir):
     import dask.array as da
 
     result = extract(
-        small_config(tmp_path, tiny_models["bert"], glue_dir, dtype="float16"), progress=False
+        small_config(tmp_path, tiny_models["bert"], glue_dir, dtype="float16", layers="all"),
+        progress=False,
     )
     root = zarr.open_group(result.path, mode="r")
     assert root.attrs["format"] == "sherl-cache" and root.attrs["complete"] is True
@@ -173,7 +187,9 @@ def test_float16_overflow_is_an_error_not_inf(tmp_path, tiny_models, glue_dir):
 
 
 def test_manifest_records_inputs(tmp_path, tiny_models, glue_dir):
-    result = extract(small_config(tmp_path, tiny_models["roberta"], glue_dir), progress=False)
+    everything = ("train", "validation", "test")
+    config = small_config(tmp_path, tiny_models["roberta"], glue_dir, splits=everything)
+    result = extract(config, progress=False)
     m = open_cache(result.path).manifest
     assert m["model"]["family"] == "roberta" and m["model"]["num_layers"] == 4
     assert len(m["model"]["weights_sha256"]) == 64
@@ -221,7 +237,7 @@ def test_explicit_cache_of_other_inputs_is_refused(tmp_path, tiny_models, glue_d
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"dtype": "int8"}, "--dtype"),
+        ({"dtype": "int4"}, "--dtype"),  # int8 became a storage dtype (issue 12)
         ({"device": "tpu"}, "--device"),
         ({"max_length": 1}, "--max-length"),
         ({"batch_size": 0}, "--batch-size"),

@@ -134,7 +134,7 @@ def test_other_backbone_is_refused(make_run, tmp_path):
     ("remove", "match"),
     [
         ("trainable.safetensors", "no checkpoint trainable.safetensors"),
-        ("config.json", "no config.json"),
+        ("sherl_config.json", "no sherl_config.json"),
         ("metrics.json", "incomplete.*metrics.json"),
     ],
 )

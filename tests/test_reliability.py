@@ -42,6 +42,7 @@ SETTINGS = {  # many small units (16-token chunks, 2 per shard), few stored laye
     "device": "cpu",
 }
 VOLATILE = ("created", "completed", "command")  # manifest fields that name a time or path
+ALL_SPLITS = ("train", "validation", "test")  # the unlabelled test split only when named
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -56,12 +57,12 @@ def model(tmp_path_factory) -> Path:
 
 def config_for(model: Path, glue_dir: Path, cache: Path, **overrides) -> ExtractConfig:
     values = dict(model=str(model), task="mrpc", data_dir=glue_dir, cache=str(cache), **SETTINGS)
-    return ExtractConfig(**(values | overrides))
+    return ExtractConfig(**(values | {"splits": ALL_SPLITS} | overrides))
 
 
 def cli_args(model: Path, glue_dir: Path, cache: Path) -> list[str]:
     args = ["extract", "--model", str(model), "--task", "mrpc", "--data-dir", str(glue_dir)]
-    args += ["--cache", str(cache), "--quiet"]
+    args += ["--cache", str(cache), "--quiet", "--splits", ",".join(ALL_SPLITS)]
     for name, value in SETTINGS.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
     return args

@@ -189,7 +189,7 @@ def test_trial_equals_direct_train_and_failures_do_not_stop_the_sweep(tmp_path, 
     )
     assert swept["best"] == direct["best"] and swept["epochs"] == direct["epochs"]
     assert {p.name for p in (tmp_path / "sweep" / "trials" / "tap=0,1_seed=1").iterdir()} == {
-        "config.json",
+        "sherl_config.json",
         "trainable.safetensors",
         "metrics.json",
     }

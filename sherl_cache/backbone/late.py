@@ -123,4 +123,5 @@ def build_late_route(
             f"checkpoint {path} lacks {len(missing)} late-route tensor(s), e.g. {missing[0]}"
         )
     route.load_state_dict(state, strict=True, assign=True)
+    route.extras.update(family.computed_extras(route.config))
     return route

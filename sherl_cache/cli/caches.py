@@ -1,16 +1,22 @@
-"""Commands on caches: ``extract`` writes one, ``info`` describes it, ``verify`` checks it."""
+"""Commands on caches: ``estimate`` sizes one, ``extract`` writes it, ``info`` describes it,
+``verify`` checks it."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 import typer
 
 from ..config.extract import ExtractConfig
+from ..config.settings import default_of
+from ..config.train import LateMode, TrainConfig
+from ..errors import ConfigError
 from ..store.verify import RECOMPUTE_DEVICE, verify_cache
 from .app import app, err, human, reports_errors
 from .options import (
+    choices_metavar,
     device_option,
     quiet_option,
     scheduler_option,
@@ -53,6 +59,49 @@ def extract(
 
 @app.command()
 @reports_errors
+@settings_options(ExtractConfig, parsers={"data_files": _data_files})
+def estimate(
+    settings: dict[str, Any],
+    late_layers: int = typer.Option(
+        default_of(TrainConfig, "late_layers"), "--late-layers", help="Stage two's k."
+    ),
+    late_mode: str = typer.Option(
+        default_of(TrainConfig, "late_mode"),
+        "--late-mode",
+        help="Stage two's late mode.",
+        metavar=choices_metavar(get_args(LateMode)),
+    ),
+    train_batch_size: int = typer.Option(
+        default_of(TrainConfig, "batch_size"),
+        "--train-batch-size",
+        help="Stage two's examples per step (--batch-size is extraction's).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Size of the cache ``extract`` would write (exact token counts, no forward pass), the
+    free space where it goes, and stage two's rough peak memory."""
+    from ..extraction.estimate import estimate_plan
+    from ..extraction.plan import plan_extraction
+
+    config = ExtractConfig(**settings)
+    # The same checks (and one-line errors naming the flag) as ``train``.
+    TrainConfig(cache="-", out=Path("-"), late_layers=late_layers, late_mode=late_mode)
+    if train_batch_size < 1:
+        raise ConfigError(f"--train-batch-size must be positive, got {train_batch_size}")
+    stage_two = {
+        "late_layers": late_layers,
+        "late_mode": late_mode,
+        "batch_size": train_batch_size,
+    }
+    result = estimate_plan(plan_extraction(config), stage_two)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo("\n".join(result.lines()))
+
+
+@app.command()
+@reports_errors
 def info(
     path: str = typer.Argument(..., help="Cache path."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest and sizes as JSON."),
@@ -81,7 +130,7 @@ def info(
         f"max length {manifest['max_length']}, truncation {manifest['truncation_side']}",
         f"task       {manifest['task']['name']} ({manifest['task']['problem']}) "
         f"from {manifest['data']['source']}",
-        f"dtype      {manifest['dtype']}",
+        f"dtype      {manifest['dtype']}{_lossy_note(manifest)}",
         f"layers     {', '.join(map(str, cache.layers))} "
         f"(index {manifest['guaranteed_layer']} = input of the last layer, always stored "
         "for the late route)",
@@ -107,6 +156,11 @@ def info(
     typer.echo("\n".join(lines))
 
 
+def _lossy_note(manifest: dict[str, Any]) -> str:
+    lossy = manifest.get("quantization")
+    return f" (LOSSY: {lossy['scheme']}; {lossy['error_bound']})" if lossy else ""
+
+
 @app.command()
 @reports_errors
 def verify(
@@ -122,8 +176,6 @@ def verify(
 ) -> None:
     """Read every chunk back; exit 1 listing corrupt or missing data by split, layer, example."""
     if recompute < 0:
-        from ..errors import ConfigError
-
         raise ConfigError(f"--recompute must be 0 or more, got {recompute}")
     report = verify_cache(path, recompute=recompute, seed=seed, model=model, device=device)
     typer.echo("\n".join(report.lines()))

@@ -28,6 +28,9 @@ from ..config.settings import (
 )
 from ..runtime import DEVICES
 
+# Options whose default a user sets once for a shell, the way HF_HOME sets the hub cache.
+ENVVARS = {"--cache-root": "SHERL_CACHE_ROOT"}
+
 
 def choices_metavar(choices: Collection[str]) -> str:
     """How ``--help`` lists the choices (typer's own style for a ``Literal``)."""
@@ -62,6 +65,7 @@ def _derived(
     info = typer.Option(
         default,
         flag_of(f),
+        envvar=ENVVARS.get(flag_of(f)),
         help=f.metadata["help"],
         hidden=f.metadata["hidden"],
         rich_help_panel=f.metadata["panel"],
@@ -127,11 +131,16 @@ def device_option(default: str | None, what: str) -> Any:
 
 
 def quiet_option() -> Any:
-    return typer.Option(False, "--quiet", help="No progress bars.")
+    return typer.Option(False, "--quiet", "-q", help="No progress bars; only warnings and errors.")
 
 
 def cache_root_option(help: str = "Where to look for caches.") -> Any:
-    return typer.Option(default_of(ExtractConfig, "cache_root"), "--cache-root", help=help)
+    return typer.Option(
+        default_of(ExtractConfig, "cache_root"),
+        "--cache-root",
+        envvar=ENVVARS["--cache-root"],
+        help=help,
+    )
 
 
 def workers_option(default: int | None, help: str) -> Any:

@@ -13,7 +13,9 @@ from .options import quiet_option, settings_options, split_list, text_columns_op
 
 
 def run_dir_argument() -> Any:
-    return typer.Argument(..., help="Run folder written by sherl-cache train.")
+    return typer.Argument(
+        ..., help="Run folder written by sherl-cache train, or a hub repo id (owner/name)."
+    )
 
 
 @app.command()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..runtime import Device, StorageDtype
-from .settings import POSITIVE, at_least, setting, validate
+from .settings import LAYER_SPEC, POSITIVE, at_least, setting, validate
 
 DATA, MODEL, RUN = "Data", "Model", "Run"
 
@@ -37,8 +37,10 @@ class ExtractConfig:
     )
     label_column: str | None = setting(None, help="Label column of own files.", panel=DATA)
     layers: str = setting(
-        "all",
-        help="Hidden-state indices: all | i,j,k | every:N (L-1 is always kept).",
+        "default",
+        help="Hidden-state indices: default (what train's default taps read, up to 3 late "
+        "layers) | all | i,j,k | every:N (L-1 is always kept).",
+        bound=LAYER_SPEC,
         panel=MODEL,
     )
     dtype: StorageDtype | None = setting(
@@ -52,6 +54,13 @@ class ExtractConfig:
         bound=at_least(2),
         panel=MODEL,
     )
+    template: str | None = setting(
+        None,
+        help="Decoder-only models: how one or two texts become one prompt, e.g. "
+        "'{text_a}\\n{text_b}' (\\n and \\t mean newline and tab); BOS and EOS are added "
+        "around it. Default: the family's.",
+        panel=MODEL,
+    )
     batch_size: int = setting(32, help="Examples per forward pass.", bound=POSITIVE, panel=RUN)
     device: Device = setting(
         "auto", help="Where the backbone runs (auto: CUDA when present).", panel=RUN
@@ -61,11 +70,17 @@ class ExtractConfig:
         Path("cache"), help="Folder holding caches under derived names.", panel=RUN
     )
     splits: tuple[str, ...] | None = setting(
-        None, help="Only these splits, comma separated.", panel=DATA
+        None,
+        help="Only these splits, comma separated (default: the labelled ones; test only when "
+        "named).",
+        panel=DATA,
     )
     revision: str | None = setting(None, help="Hub revision of the model.", panel=MODEL)
     trust_remote_code: bool = setting(
         False, help="Allow model code from the hub (off by default).", panel=MODEL
+    )
+    ignore_free_space: bool = setting(
+        False, help="Extract even when the size estimate exceeds the free disk space.", panel=RUN
     )
     chunk_tokens: int | None = setting(
         None, help="Tokens per stored chunk.", bound=POSITIVE, hidden=True

@@ -17,6 +17,7 @@ from dataclasses import MISSING, Field, dataclass, fields
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..layers import is_layer_spec
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ POSITIVE = Bound(lambda v: v > 0, "positive")
 POSITIVE_NUMBER = Bound(lambda v: v > 0 and math.isfinite(v), "a positive number")
 NON_NEGATIVE = Bound(lambda v: v >= 0, ">= 0")
 FRACTION = Bound(lambda v: 0 <= v < 1, "in [0, 1)")
+LAYER_SPEC = Bound(
+    lambda v: v.strip().lower() == "default" or is_layer_spec(v),
+    "default, all, every:N or indices like 0,4,8",
+)
 
 
 def setting(

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 from ..runtime import Device
 from .settings import (
     FRACTION,
+    LAYER_SPEC,
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_NUMBER,
@@ -24,7 +25,10 @@ from .settings import (
 FusionVariant = Literal["linear", "gated"]
 FUSION_VARIANTS: tuple[str, ...] = get_args(FusionVariant)
 LateMode = Literal["frozen", "full", "lora"]
-Pool = Literal["mean", "first"]
+Pool = Literal["mean", "first", "last"]
+Schedule = Literal["linear", "cosine", "constant"]
+Precision = Literal["auto", "bf16", "float32"]
+ReportTo = Literal["none", "tensorboard"]
 
 DEFAULT_MEMORY_BUDGET = 4 << 30  # host bytes of cached states one split may hold at once
 
@@ -39,7 +43,10 @@ class TrainConfig:
     out: Path = setting(help="Run folder (default: runs/<task>-<time>).", panel=RUN)
     task: str | None = setting(None, help="Task the cache was made for (checked).", panel=INPUT)
     tap: str = setting(
-        "default", help="Tapped hidden states: default | all | i,j,k | every:N.", panel=FUSION
+        "default",
+        help="Tapped hidden states: default | all | i,j,k | every:N.",
+        bound=LAYER_SPEC,
+        panel=FUSION,
     )
     late_layers: int = setting(
         1, help="Pre-trained layers after the fusion (k).", bound=at_least(1), panel=LATE
@@ -61,8 +68,8 @@ class TrainConfig:
     )
     pool: Pool | None = setting(
         None,
-        help="Head pooling: masked mean of the tokens, or the first token (default: the "
-        "family's, mean for encoders).",
+        help="Head pooling: masked mean of the real tokens, the first or the last real token "
+        "(default: the family's: mean for encoders, last for decoder-only models).",
         panel=FUSION,
     )
     lr: float = setting(
@@ -78,6 +85,30 @@ class TrainConfig:
         20, help="Passes over the training split.", bound=at_least(1), panel=OPTIMISER
     )
     batch_size: int = setting(100, help="Examples per step.", bound=POSITIVE, panel=OPTIMISER)
+    grad_accum: int = setting(
+        1,
+        help="Batches whose gradients add up before each optimiser step.",
+        bound=POSITIVE,
+        panel=OPTIMISER,
+    )
+    max_grad_norm: float | None = setting(
+        None,
+        help="Clip the gradient norm to this before each step (default: no clipping).",
+        bound=POSITIVE_NUMBER,
+        panel=OPTIMISER,
+    )
+    lr_scheduler: Schedule = setting(
+        "linear",
+        flag="--scheduler",
+        help="Learning-rate schedule after the warm-up (transformers.get_scheduler).",
+        panel=OPTIMISER,
+    )
+    early_stopping: int | None = setting(
+        None,
+        help="Stop after N epochs without a better selection metric (default: every epoch).",
+        bound=POSITIVE,
+        panel=OPTIMISER,
+    )
     seed: int = setting(0, help="Seed of initialisation, shuffling and dropout.", panel=OPTIMISER)
     train_split: str = setting("train", help="Split to train on.", panel=INPUT)
     eval_split: str = setting("validation", help="Split scored after every epoch.", panel=INPUT)
@@ -98,6 +129,18 @@ class TrainConfig:
         help="Backbone: finds its cache; the late layers' weights (default: the cache's).",
         panel=INPUT,
     )
+    precision: Precision = setting(
+        "auto",
+        help="Late route: bf16 autocast on CUDA (auto: where the GPU supports bf16); "
+        "float32 on the CPU.",
+        panel=RUN,
+    )
+    report_to: ReportTo = setting(
+        "none",
+        help="Experiment tracking: per-step loss and per-epoch metrics in <out>/tensorboard "
+        "(pip install 'sherl-cache[tensorboard]').",
+        panel=RUN,
+    )
     overwrite: bool = setting(False, help="Replace an existing run in --out.", panel=RUN)
 
     def __post_init__(self) -> None:
@@ -113,4 +156,6 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["out"] = Path(values["out"])
+        if isinstance(values.get("tap"), list):  # a run's record lists the resolved taps
+            values["tap"] = ",".join(map(str, values["tap"]))
         return cls(**values)

@@ -96,8 +96,17 @@ def _kind(hint: Any) -> str:
 
 # ExtractConfig fields a pipeline does not take: `model` and `task` are top-level keys of their
 # own, one explicit `cache` cannot serve several tasks, remote code must be allowed by hand on
-# the command line, and the hidden chunking options are for tests.
-_NOT_IN_TOML = ("model", "task", "cache", "trust_remote_code", "chunk_tokens", "shard_chunks")
+# the command line as must overriding the free-space check, and the hidden chunking options are
+# for tests.
+_NOT_IN_TOML = (
+    "model",
+    "task",
+    "cache",
+    "trust_remote_code",
+    "ignore_free_space",
+    "chunk_tokens",
+    "shard_chunks",
+)
 _TOML_NAMES = {"data_files": "files"}  # the file says `files = {train = "a.csv"}`
 _TOML_FIELDS = {
     _TOML_NAMES.get(name, name): name

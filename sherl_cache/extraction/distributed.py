@@ -361,7 +361,7 @@ def extract_distributed(
             report(cluster.described)
             _run_jobs(cluster, jobs, store.total_units(), plan, config, progress, report)
 
-    return execute(plan, fill, report, began)
+    return execute(plan, fill, report, began, show_estimate=progress)
 
 
 def _run_jobs(

@@ -17,7 +17,15 @@ from ..backbone.frozen import load_backbone
 from ..backbone.hub import BackboneInfo
 from ..errors import NumericOverflowError
 from ..families import get_family
-from ..runtime import FLOAT16_MAX, STORAGE_DTYPES, compute_dtype, storage_tensor
+from ..runtime import (
+    FLOAT16_MAX,
+    SCALE_DTYPE,
+    STORAGE_DTYPES,
+    compute_dtype,
+    is_scaled,
+    quantize,
+    storage_tensor,
+)
 from ..store.writer import Unit, UnitRange
 from .inputs import TokenizedSplit, unit_batches, unit_examples
 
@@ -106,38 +114,48 @@ def run_unit(
         types = np.concatenate([tokens.token_type_ids[i] for i in range(first, last)])
         token_types = types.astype(np.int8)[span]
     buffer: np.ndarray | None = None
+    scaled = is_scaled(context.dtype)
+    scales = np.ones((len(context.layers), stop - start), SCALE_DTYPE) if scaled else None
     for batch, cpu_inputs in unit_batches(tokens, examples, context.batch_size, context.pad_id):
-        stored = _stored_states(context, cpu_inputs, batch, tokens.name)
+        stored, stored_scales = _stored_states(context, cpu_inputs, batch, tokens.name)
         if buffer is None:
             shape = (len(context.layers), stop - start, stored[0].shape[-1])
             buffer = np.zeros(shape, dtype=STORAGE_DTYPES[context.dtype])
         for row, i in enumerate(batch):
             lo, hi = max(offsets[i], start), min(offsets[i + 1], stop)
+            here, there = slice(lo - start, hi - start), slice(lo - offsets[i], hi - offsets[i])
             for position, values in enumerate(stored):
-                buffer[position, lo - start : hi - start] = values[
-                    row, lo - offsets[i] : hi - offsets[i]
-                ]
+                buffer[position, here] = values[row, there]
+            if scales is not None:
+                for position, values in enumerate(stored_scales):
+                    scales[position, here] = values[row, there]
         if on_batch is not None:
             on_batch(sum(min(offsets[i + 1], stop) - max(offsets[i], start) for i in batch))
     assert buffer is not None
-    return Unit(tokens.name, unit.index, start, stop, buffer, input_ids[span], token_types)
+    return Unit(tokens.name, unit.index, start, stop, buffer, input_ids[span], token_types, scales)
 
 
 def _stored_states(
     context: UnitContext, cpu_inputs: dict[str, torch.Tensor], batch: list[int], split: str
-) -> list[np.ndarray]:
-    """One batch's states per stored layer, (B, T, d) in the storage representation."""
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One batch's states per stored layer, (B, T, d) in the storage representation, and for
+    lossy dtypes their per-token scales (B, T)."""
     inputs = {key: value.to(context.device) for key, value in cpu_inputs.items()}
     with torch.inference_mode():
         output = context.model(**context.input_filter(inputs), output_hidden_states=True)
         keep = cpu_inputs["attention_mask"].to(context.device).bool()
-        stored = []
+        stored, scales = [], []
         for layer in context.layers:
             states = output.hidden_states[layer]
             if context.dtype == "float16":
                 _check_float16(states, keep, layer, batch, split)
-            stored.append(storage_tensor(states, context.dtype).cpu().numpy())
-    return stored
+            if is_scaled(context.dtype):
+                codes, scale = quantize(states, context.dtype)
+                stored.append(codes.cpu().numpy())
+                scales.append(scale.cpu().numpy())
+            else:
+                stored.append(storage_tensor(states, context.dtype).cpu().numpy())
+    return stored, scales
 
 
 def _check_float16(states: torch.Tensor, keep: torch.Tensor, layer: int, batch, split: str) -> None:

@@ -29,7 +29,8 @@ def extract(
     """Run stage one; returns where the cache is and what was written."""
     began = time.perf_counter()
     plan = plan_extraction(config)
-    return execute(plan, lambda store: _fill(plan, config, store, progress), report, began)
+    fill = lambda store: _fill(plan, config, store, progress)  # noqa: E731
+    return execute(plan, fill, report, began, show_estimate=progress)
 
 
 def _fill(plan: ExtractPlan, config: ExtractConfig, store: OpenedStore, progress: bool) -> None:

@@ -36,6 +36,11 @@ def load_dataset(config: ExtractConfig) -> Dataset:
         dataset = load_files(config.data_files, text_columns, label_column, task=task)
     else:
         dataset = load_glue(task, config.data_dir, config.splits)
+        if config.splits is None:  # unlabelled splits (GLUE test) only when named: training
+            # never reads them, and they can be a third of the cache
+            dataset.splits = {
+                name: split for name, split in dataset.splits.items() if split.labels is not None
+            }
     if config.splits:
         missing = [s for s in config.splits if s not in dataset.splits]
         if missing:
@@ -67,12 +72,16 @@ class TokenizedSplit:
 
 
 def tokenize_split(
-    family: Family, tokenizer: Any, split: SplitData, max_length: int
+    family: Family,
+    tokenizer: Any,
+    split: SplitData,
+    max_length: int,
+    template: str | None = None,
 ) -> TokenizedSplit:
     """Tokenise a whole split up front: cheap, and it fixes every example's token offset."""
-    full = family.encode(tokenizer, split.texts, None)
+    full = family.encode(tokenizer, split.texts, None, template)
     truncated = sum(len(ids) > max_length for ids in full["input_ids"])
-    encoded = family.encode(tokenizer, split.texts, max_length)
+    encoded = family.encode(tokenizer, split.texts, max_length, template)
     return TokenizedSplit(
         name=split.name,
         input_ids=encoded["input_ids"],

@@ -21,10 +21,13 @@ from ..backbone.frozen import load_tokenizer, tokenizer_identity
 from ..backbone.hub import BackboneInfo, inspect_backbone
 from ..config.extract import ExtractConfig
 from ..data.files import Dataset
-from ..families import get_family
+from ..errors import CacheError
+from ..families import Family, get_family
 from ..layers import parse_layer_spec
-from ..store.cache import FORMAT_VERSION, Geometry, cache_key
+from ..runtime import is_scaled
+from ..store.cache import FORMAT_VERSION, Geometry, cache_key, open_cache
 from ..store.writer import OpenedStore, cache_lock, finalize, open_or_create, recorded_stats
+from .estimate import check_free_space, estimate_plan
 from .inputs import TokenizedSplit, load_dataset, tokenize_split
 
 
@@ -58,29 +61,56 @@ class ExtractPlan:
     manifest: dict[str, Any]
     path: str
     pad_id: int
+    ignore_free_space: bool = False
+
+
+LOSSY_BOUNDS = {
+    "int8": "|error| <= s/2, s = max|x| of the token / 127",
+    "float8_e4m3": "|error| <= |x|/16 + s/1024, s = max|x| of the token / 448",
+}
+# ``--layers default`` keeps what ``train --tap default`` reads for up to this many late layers.
+MAX_DEFAULT_LATE_LAYERS = 3
+
+
+def stored_layers(spec: str, family: Family, num_layers: int) -> tuple[int, ...]:
+    """The hidden-state indices a cache stores; L-1 (the last layer's input) always.
+
+    ``default`` is the union, over ``--late-layers`` 1 to ``MAX_DEFAULT_LATE_LAYERS``, of the
+    family's default taps and the split's state: exactly what the default ``train`` reads
+    (about half the states of a deep model) rather than every state.
+    """
+    if spec.strip().lower() == "default":
+        chosen: set[int] = set()
+        for k in range(1, min(MAX_DEFAULT_LATE_LAYERS, num_layers) + 1):
+            chosen |= {*family.default_taps(num_layers, k), num_layers - k}
+    else:
+        chosen = set(parse_layer_spec(spec, num_layers))
+    return tuple(sorted(chosen | {num_layers - 1}))
 
 
 def plan_extraction(config: ExtractConfig) -> ExtractPlan:
     """Load and tokenise the data, identify the backbone, fix layers, dtype, geometry, path."""
     dataset = load_dataset(config)
     info = inspect_backbone(config.model, config.revision)
-    layers = tuple(
-        sorted(set(parse_layer_spec(config.layers, info.num_layers)) | {info.num_layers - 1})
-    )
     family = get_family(info.family)
+    layers = stored_layers(config.layers, family, info.num_layers)
     dtype = config.dtype or family.default_dtype
     tokenizer = load_tokenizer(info.path, trust_remote_code=config.trust_remote_code)
+    template = family.prompt_template(config.template, len(dataset.task.text_columns))
     tokenized = {
-        name: tokenize_split(family, tokenizer, split, config.max_length)
+        name: tokenize_split(family, tokenizer, split, config.max_length, template)
         for name, split in dataset.splits.items()
     }
+    identity = tokenizer_identity(tokenizer, Path(info.path), family)
+    if template is not None:  # how the texts were joined decides the tokens: part of the key
+        identity["template"] = template
     geometry = Geometry.choose(
         info.hidden_size, len(layers), dtype, config.chunk_tokens, config.shard_chunks
     )
     manifest = build_manifest(
         config,
         info,
-        tokenizer_identity(tokenizer, Path(info.path), family),
+        identity,
         dataset,
         tokenized,
         layers,
@@ -90,7 +120,18 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
     manifest["command"] = reproduce_command(config)  # also finishes a distributed run's cache
     path = config.cache or str(Path(config.cache_root) / default_cache_name(manifest))
     pad_id = family.pad_id(tokenizer)
-    return ExtractPlan(info, tokenizer, tokenized, layers, dtype, geometry, manifest, path, pad_id)
+    return ExtractPlan(
+        info,
+        tokenizer,
+        tokenized,
+        layers,
+        dtype,
+        geometry,
+        manifest,
+        path,
+        pad_id,
+        ignore_free_space=config.ignore_free_space,
+    )
 
 
 def execute(
@@ -98,14 +139,22 @@ def execute(
     fill: Callable[[OpenedStore], None],
     report: Callable[[str], None],
     began: float,
+    show_estimate: bool = True,
 ) -> ExtractResult:
     """Open or create the plan's cache, let ``fill`` write its pending units, finish it.
 
     ``fill`` gets the opened store (``store.pending()`` lists the units still to do) and
     returns once every one of them is written; ``began`` is when the caller started timing.
+    Before anything is created the size estimate is reported (unless ``show_estimate`` is
+    off, as under ``--quiet``) and checked against the free space.
     """
     path = plan.path
     with cache_lock(path):
+        if not _already_complete(path, plan.manifest["key"]):
+            estimate = estimate_plan(plan)
+            for line in estimate.lines() if show_estimate else ():
+                report(line)
+            check_free_space(estimate, plan.ignore_free_space)
         store = open_or_create(path, plan.manifest, plan.tokenized, report)
         if store.complete is not None:
             report(f"cache {path} is already complete for these inputs; nothing to do")
@@ -120,6 +169,14 @@ def execute(
         f"({result.compression_ratio:.2f}x compression of {result.bytes_raw:,} bytes)"
     )
     return result
+
+
+def _already_complete(path: str, key: str) -> bool:
+    """A finished cache of these inputs is at ``path``: nothing to estimate or write."""
+    try:
+        return open_cache(path).manifest.get("key") == key
+    except CacheError:
+        return False
 
 
 # --- manifest, names and commands ------------------------------------------------------------
@@ -160,6 +217,14 @@ def build_manifest(
             },
         },
     }
+    if is_scaled(dtype):  # recorded so no reader takes a lossy cache for an exact one
+        manifest["quantization"] = {
+            "lossy": True,
+            "scheme": "per-token absmax scale",
+            "scale_dtype": "float32",
+            "scale_arrays": "scale_NNN",
+            "error_bound": LOSSY_BOUNDS[dtype],
+        }
     # The weights hash identifies the model; a local path must not split identical caches.
     manifest["model"] = {k: v for k, v in manifest["model"].items() if k != "path"}
     manifest["model_path"] = info.path  # where the late layers' weights were; not content
@@ -210,6 +275,8 @@ def reproduce_command(config: ExtractConfig) -> str:
     if config.label_column:
         parts += ["--label-column", config.label_column]
     parts += ["--layers", config.layers, "--max-length", str(config.max_length)]
+    if config.template is not None:
+        parts += ["--template", config.template]
     if config.dtype:
         parts += ["--dtype", config.dtype]
     if config.revision:

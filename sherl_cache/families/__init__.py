@@ -8,12 +8,23 @@ from typing import Any
 from ..errors import ModelLoadError
 from .base import Family, LateRoute
 from .bert import BertFamily
+from .gpt2 import GPT2Family
 from .roberta import RobertaFamily
+from .rotary import rotary_families
 from .t5 import T5Family
 
 __all__ = ["FAMILIES", "Family", "LateRoute", "family_of", "get_family"]
 
-_REGISTRY: dict[str, Family] = {f.name: f for f in (BertFamily(), RobertaFamily(), T5Family())}
+_REGISTRY: dict[str, Family] = {
+    family.name: family
+    for family in (
+        BertFamily(),
+        RobertaFamily(),
+        T5Family(),
+        *rotary_families(),
+        GPT2Family(),
+    )
+}
 _BY_MODEL_TYPE: dict[str, Family] = {t: f for f in _REGISTRY.values() for t in f.model_types}
 FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
+from ..errors import ConfigError
+
 # One attention kernel for every rebuilt layer, so the additive float mask below always applies.
 ATTN_IMPLEMENTATION = "sdpa"
 # Files that identify a tokenizer's vocabulary (hashed into the cache manifest).
@@ -39,11 +41,15 @@ class Family(ABC):
     default_pool: ClassVar[str] = "mean"
     # Module names PEFT's LoRA adapts in the late layers (attention and feed-forward).
     lora_targets: ClassVar[tuple[str, ...]]
+    # Whether those modules store their weight as (in, out), like GPT-2's Conv1D.
+    lora_fan_in_fan_out: ClassVar[bool] = False
     # Whether the backbone's forward embeds segment ids (BERT-style sentence pairs).
     uses_token_type_ids: ClassVar[bool] = True
     tokenizer_files: ClassVar[tuple[str, ...]] = TOKENIZER_FILES
     # Checkpoint tensor prefixes that are not part of the cached backbone (a seq2seq decoder).
     outside_backbone: ClassVar[tuple[str, ...]] = ()
+    # Causal attention: a token sees only those before it (first-token pooling is meaningless).
+    causal: ClassVar[bool] = False
 
     # --- the frozen backbone -------------------------------------------------------------
     @abstractmethod
@@ -55,13 +61,18 @@ class Family(ABC):
         """The transformer layer list of a model returned by ``load_model``."""
 
     def encode(
-        self, tokenizer: Any, columns: Sequence[Sequence[str]], max_length: int | None
+        self,
+        tokenizer: Any,
+        columns: Sequence[Sequence[str]],
+        max_length: int | None,
+        template: str | None = None,
     ) -> dict[str, list[list[int]]]:
         """Token ids of one or two text columns (``max_length=None``: no truncation).
 
         The tokenizer's own special tokens and pair template; segment ids only where the
-        backbone reads them.
+        backbone reads them. Only decoder-only families take a ``template``.
         """
+        self.prompt_template(template, len(columns))
         texts = [list(column) for column in columns]
         truncation = (
             {"truncation": False}
@@ -76,6 +87,16 @@ class Family(ABC):
         if self.uses_token_type_ids and encoded.get("token_type_ids") is not None:
             out["token_type_ids"] = encoded["token_type_ids"]
         return out
+
+    def prompt_template(self, template: str | None, num_texts: int) -> str | None:
+        """The template a cache records for ``num_texts`` texts per example: None for families
+        whose tokenizer joins texts itself (and a ``--template`` is refused there)."""
+        if template is not None:
+            raise ConfigError(
+                f"--template applies to decoder-only models; a {self.name} model joins two "
+                "texts with its tokenizer's own pair format"
+            )
+        return None
 
     def pad_id(self, tokenizer: Any) -> int:
         """The id padding positions hold (masked out, so any valid id is exact)."""
@@ -103,6 +124,11 @@ class Family(ABC):
 
     def build_extras(self, config: PretrainedConfig) -> dict[str, nn.Module]:
         """Modules besides the layers the route needs (final norm, position bias, ...)."""
+        return {}
+
+    def computed_extras(self, config: PretrainedConfig) -> dict[str, nn.Module]:
+        """Modules the route computes from the config alone (rotary tables): they have no
+        checkpoint tensors, so they are built after loading, never on the meta device."""
         return {}
 
     def extra_tensors(self, config: PretrainedConfig) -> dict[str, str]:

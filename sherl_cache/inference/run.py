@@ -35,9 +35,11 @@ from ..runtime import check_device, resolve_device
 from ..store.cache import Cache
 from ..training.discovery import task_from_record
 from ..training.features import CachedFeatures, TextFeatures
-from ..training.loop import evaluate
+from ..training.loop import evaluate, place
 from ..training.model import SherlModel, build_model
+from ..training.recipe import lora_config
 from ..training.rundir import RunDir, RunRecord
+from .hub import run_folder, upload_folder, write_model_card
 from .predictions import Prediction, Predictions
 
 
@@ -53,9 +55,11 @@ class Run:
         model: SherlModel,
         model_path: str,
         device: torch.device,
+        trainable: Sequence[str] = (),
     ) -> None:
         self.path, self.record, self.metrics, self.task = path, record, metrics, task
         self.model, self.model_path, self.device = model, model_path, device
+        self.trainable = tuple(trainable)  # the tensors a run folder stores
         self.family = get_family(record.backbone["family"])
         self._backbone: tuple[nn.Module, Any] | None = None
 
@@ -82,6 +86,68 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, task={self.task.name!r}, model={self.model_path!r})"
 
+    # --- Hugging Face Hub conventions (as huggingface_hub.ModelHubMixin) ----------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        model: str | None = None,
+        device: str = "auto",
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> Run:
+        """A run from a local folder or a hub repo id (``owner/name``)."""
+        folder = run_folder(
+            pretrained_model_name_or_path,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+        )
+        return load_run(folder, model=model, device=device)
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> Any:
+        """Write the run folder (record, trainable tensors, PEFT adapter for LoRA, metrics, a
+        model card) from the model in memory; optionally push it."""
+        run_dir = RunDir(Path(save_directory))
+        run_dir.prepare(overwrite=True)
+        params = dict(self.model.named_parameters())
+        state = {name: params[name].detach().cpu().clone() for name in self.trainable}
+        run_dir.write_record(self.record)
+        run_dir.save_checkpoint(state, lora_config(self.model))
+        write_model_card(run_dir.path, self.record, self.metrics)
+        run_dir.write_metrics(self.metrics)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or run_dir.path.name, **push_to_hub_kwargs)
+        return None
+
+    def push_to_hub(
+        self, repo_id: str, *, commit_message: str = "Push sherl-cache run", **options: Any
+    ) -> Any:
+        """Upload the run folder to ``repo_id`` (created if missing); the commit's info.
+
+        ``options`` are ``huggingface_hub``'s: ``private``, ``token``, ``branch``,
+        ``create_pr``.
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return upload_folder(Path(tmp), repo_id, commit_message=commit_message, **options)
+
     # The full backbone is only needed for text input; scoring a cache never loads it.
     def backbone(self) -> tuple[nn.Module, Any]:
         """The frozen backbone on the run's device and its tokenizer (checked against the run)."""
@@ -91,7 +157,7 @@ class Run:
             net, tokenizer, info = load_backbone(self.model_path, device=self.device)
             found = tokenizer_identity(tokenizer, Path(info.path), self.family)
             for name, recorded in self.record.tokenizer.items():
-                if name != "name" and found.get(name) != recorded:
+                if name not in ("name", "template") and found.get(name) != recorded:
                     raise ModelLoadError(
                         f"the tokenizer of {self.model_path} is not the one run {self.path} was "
                         f"trained with (field tokenizer.{name}: run has {recorded!r}, model has "
@@ -140,7 +206,8 @@ class Run:
         if len(split) == 0:
             return Predictions([], self._empty_outputs(), self.task)
         backbone, tokenizer = self.backbone()
-        tokens = tokenize_split(self.family, tokenizer, split, self.max_length)
+        template = self.record.tokenizer.get("template")  # decoder-only: as the cache joined
+        tokens = tokenize_split(self.family, tokenizer, split, self.max_length, template)
         source = TextFeatures(
             backbone,
             tokens.input_ids,
@@ -237,13 +304,14 @@ def check_batch_size(batch_size: int) -> None:
 
 
 def load_run(path: str | Path, *, model: str | None = None, device: str = "auto") -> Run:
-    """Open a finished run for prediction; ``model`` overrides where the backbone is read.
+    """Open a finished run for prediction: a run folder, or a hub repo id (``owner/name``,
+    from the Hugging Face cache or downloaded); ``model`` overrides where the backbone is read.
 
     The backbone must be the one the run's cache was made with (same weights sha256); the
     checkpoint must hold exactly the tensors the run's configuration trains.
     """
-    path = Path(path)
     check_device(device)
+    path = run_folder(path)
     run_dir = RunDir(path)
     record, metrics = run_dir.open()
     task = task_from_record(record.task_spec, f"run {path}")
@@ -253,6 +321,7 @@ def load_run(path: str | Path, *, model: str | None = None, device: str = "auto"
     with torch.random.fork_rng(devices=[]):  # build_model seeds; keep the caller's RNG
         net = build_model(record.config, backbone, task, record.taps, model_path)
     run_dir.load_checkpoint(net)
+    trainable = [name for name, p in net.named_parameters() if p.requires_grad]
     resolved = resolve_device(device)
-    net.requires_grad_(False).eval().to(resolved)
-    return Run(path, record, metrics, task, net, model_path, resolved)
+    place(net.requires_grad_(False).eval(), resolved, record.config.precision)
+    return Run(path, record, metrics, task, net, model_path, resolved, trainable)

@@ -9,6 +9,7 @@ Layout (see docs/cache-format.md)::
     <cache>/<split>/labels            (examples,) int64 | float32  class index | score; only in
                                                                    labelled splits
     <cache>/<split>/hidden_007        (tokens, hidden)        hidden-state index 7
+    <cache>/<split>/scale_007         (tokens,) float32       per-token scales (int8, float8)
     <cache>/<split>/units_done        (units,) uint8          1 once a write unit is durable
 
 The token axis is cut into shards of ``shard_tokens``; a *unit* is one shard index across every
@@ -36,7 +37,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from ..errors import CacheError, CacheIncompleteError
-from ..runtime import STORAGE_DTYPES, from_storage
+from ..runtime import SCALE_DTYPE, STORAGE_DTYPES, from_storage, is_scaled
 
 FORMAT_VERSION = 1
 CHUNK_TARGET_BYTES = 1 << 20
@@ -63,6 +64,11 @@ CREATING = "creating"
 
 def hidden_name(layer: int) -> str:
     return f"hidden_{layer:03d}"
+
+
+def scale_name(layer: int) -> str:
+    """The per-token scales of a lossy dtype's ``hidden_NNN`` (runtime.quantize)."""
+    return f"scale_{layer:03d}"
 
 
 def compressors() -> list:
@@ -195,6 +201,16 @@ def create_split(
             dims=["token", "hidden"],
             attrs={"layer": layer, "dtype": dtype},
         )
+        if is_scaled(dtype):
+            _token_array(
+                group,
+                scale_name(layer),
+                num_tokens,
+                SCALE_DTYPE,
+                geometry,
+                dims=["token"],
+                attrs={"layer": layer, "scales": hidden_name(layer)},
+            )
     # One chunk per unit: flagging a unit is a single atomic file write. An absent chunk reads
     # as 0, i.e. "not done", which is exactly right for a unit never flagged.
     group.create_array(
@@ -226,9 +242,16 @@ def creation_marker(key: str, command: str | None) -> dict[str, Any]:
     }
 
 
-def open_store(path: str, mode: Literal["r", "r+", "a", "w", "w-"] = "r") -> zarr.Group:
+def open_store(
+    path: str, mode: Literal["r", "r+", "a", "w", "w-"] = "r", consolidated: bool = False
+) -> zarr.Group:
+    """The store's root group. ``consolidated`` reads the arrays' metadata from the copy a
+    complete cache keeps in its root (one read on object stores); writers and integrity checks
+    read every array's own metadata, which cannot go stale."""
     try:
-        return zarr.open_group(path, mode=mode, zarr_format=3)
+        return zarr.open_group(
+            path, mode=mode, zarr_format=3, use_consolidated=None if consolidated else False
+        )
     except FileNotFoundError:
         raise CacheError(f"no cache at {path}") from None
     except (ValueError, KeyError, TypeError) as exc:
@@ -314,7 +337,16 @@ class Cache:
 
     def hidden_tokens(self, split: str, layer: int, start: int, stop: int) -> np.ndarray:
         """A range of the flat token axis as float32: the bulk-read path for training."""
-        return from_storage(self.layer_array(split, layer)[start:stop], self.dtype)
+        values = self.layer_array(split, layer)[start:stop]
+        if not is_scaled(self.dtype):
+            return from_storage(values, self.dtype)
+        scales = self._split(split)[scale_name(layer)][start:stop]
+        return from_storage(values, self.dtype, scales)
+
+    def scale_array(self, split: str, layer: int) -> zarr.Array | None:
+        """The per-token scales of a lossy cache's layer; None for exact dtypes."""
+        self.layer_array(split, layer)  # the same error for a layer not stored
+        return self._split(split)[scale_name(layer)] if is_scaled(self.dtype) else None
 
     def input_ids(self, split: str, i: int) -> np.ndarray:
         start, stop = self._example_range(split, i)
@@ -344,7 +376,9 @@ class Cache:
 
 def open_cache(path: str, *, allow_incomplete: bool = False) -> Cache:
     """Open a cache read-only; an unfinished one is refused unless asked for explicitly."""
-    group = open_store(str(path), mode="r")
+    # Only complete caches are consolidated and never change after; anything that may look at
+    # an unfinished or damaged one (writers, verify, info) reads the arrays' own metadata.
+    group = open_store(str(path), mode="r", consolidated=not allow_incomplete)
     attrs = dict(group.attrs)
     if attrs.get("format") != "sherl-cache":
         raise CacheError(f"{path} is a Zarr store but not a sherl-cache cache (no manifest)")

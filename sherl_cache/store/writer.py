@@ -18,6 +18,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import zarr
 
 from ..errors import CacheError, CacheLockedError, CacheMismatchError
+from ..runtime import is_scaled
 from .cache import (
     CREATING,
     Cache,
@@ -36,6 +38,7 @@ from .cache import (
     hidden_name,
     open_cache,
     open_store,
+    scale_name,
     writable,
 )
 
@@ -240,6 +243,8 @@ def _has_all_arrays(
         except (KeyError, CacheError):
             return False
         needed = {"offsets", "input_ids", "units_done", *map(hidden_name, manifest["layers"])}
+        if is_scaled(manifest["dtype"]):
+            needed |= set(map(scale_name, manifest["layers"]))
         needed |= {"labels"} if layout.labels is not None else set()
         needed |= {"token_type_ids"} if layout.has_token_types else set()
         if not needed <= present:
@@ -322,6 +327,7 @@ class Unit:
     hidden: np.ndarray  # (layers, tokens, hidden)
     input_ids: np.ndarray
     token_type_ids: np.ndarray | None
+    scales: np.ndarray | None = None  # (layers, tokens): lossy dtypes' per-token scales
 
 
 class UnitWriter:
@@ -365,6 +371,8 @@ class UnitWriter:
         if unit.token_type_ids is not None:
             arrays["token_type_ids"][span] = unit.token_type_ids
         for position, layer in enumerate(self._layers):
+            if unit.scales is not None:
+                arrays[scale_name(layer)][span] = unit.scales[position]
             arrays[hidden_name(layer)][span] = unit.hidden[position]
             if position == 0:
                 fault_point(f"unit-partly-written:{unit.split}:{unit.index}")
@@ -416,9 +424,22 @@ def finalize(store: OpenedStore) -> dict[str, Any]:
                 "completed": dt.datetime.now(dt.timezone.utc).isoformat(),
             }
         )
+        consolidate(store.root)
     except OSError as exc:
         raise write_error(exc) from exc
     return stats
+
+
+def consolidate(root: zarr.Group) -> None:
+    """Copy every array's metadata into the root's ``zarr.json`` once the cache is complete, so
+    xarray and dask open it without a warning and with one metadata read on object stores.
+
+    Zarr warns that consolidation is not (yet) in the v3 specification; it is zarr-python's and
+    xarray's shared convention, and a reader that ignores it reads the arrays' own metadata.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(root.store, zarr_format=3)
 
 
 def storage_stats(cache: Cache) -> dict[str, Any]:

@@ -66,10 +66,13 @@ class CachedFeatures:
         self.offsets = offsets[: count + 1]
         self.labels = cache.labels(split)[:count] if cache.labelled(split) else None
         self._arrays = {layer: cache.layer_array(split, layer) for layer in {*self.taps, last}}
+        # Lossy caches are decoded on read: codes times their per-token scales.
+        self._scales = {layer: cache.scale_array(split, layer) for layer in self._arrays}
         row_bytes = len(self._arrays) * cache.hidden_size * STORAGE_DTYPES[self.dtype].itemsize
         self.windows = _windows(self.offsets, max(1, memory_budget // row_bytes))
         self._window: int | None = None
         self._held: dict[int, np.ndarray] = {}
+        self._held_scales: dict[int, np.ndarray | None] = {}
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -92,6 +95,10 @@ class CachedFeatures:
             first, end = self.windows[window]
             span = slice(int(self.offsets[first]), int(self.offsets[end]))
             self._held = {layer: array[span] for layer, array in self._arrays.items()}
+            self._held_scales = {
+                layer: None if array is None else array[span]
+                for layer, array in self._scales.items()
+            }
             self._window = window
 
     def batch(self, indices: np.ndarray, device: torch.device) -> Batch:
@@ -107,12 +114,20 @@ class CachedFeatures:
         gather = np.where(mask, starts[:, None] - base + positions, starts[:, None] - base)
         keep = torch.from_numpy(mask[..., None]).to(device)
 
-        def states(layer: int) -> Tensor:
-            rows = self._held[layer][np.where(inside[:, None], gather, 0)]
+        where = np.where(inside[:, None], gather, 0)
+
+        def read(held: np.ndarray, array) -> np.ndarray:
+            rows = held[where]
             for row in np.flatnonzero(~inside):  # a batch crossing a window edge: read directly
                 start, n = int(starts[row]), int(lengths[row])
-                rows[row, :n] = self._arrays[layer][start : start + n]
-            return torch.from_numpy(from_storage(rows, self.dtype)).to(device) * keep
+                rows[row, :n] = array[start : start + n]
+            return rows
+
+        def states(layer: int) -> Tensor:
+            rows = read(self._held[layer], self._arrays[layer])
+            held_scales = self._held_scales[layer]
+            scales = None if held_scales is None else read(held_scales, self._scales[layer])
+            return torch.from_numpy(from_storage(rows, self.dtype, scales)).to(device) * keep
 
         return Batch(
             taps=[states(layer) for layer in self.taps],

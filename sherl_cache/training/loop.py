@@ -1,4 +1,5 @@
-"""The training loop: seeded AdamW over any ``FeatureSource``, validation after every epoch.
+"""The training loop: seeded AdamW over any ``FeatureSource``, validation after every epoch,
+with the habits of transformers' Trainer (accumulation, clipping, early stopping, schedules).
 
 The loop never knows where features come from, so cached and online training take the same
 steps in the same order on the same batches.
@@ -6,6 +7,7 @@ steps in the same order on the same batches.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -19,8 +21,12 @@ from torch import Tensor
 from ..config.train import TrainConfig
 from ..data.metrics import compute_metrics
 from ..data.tasks import TaskSpec
+from ..logs import bar_disabled
 from .features import FeatureSource
 from .model import SherlModel, trainable_state
+from .tracking import NoTracker, Tracker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +48,7 @@ class FitResult:
     step_seconds: list[float] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
+    stopped_early: int | None = None  # the epoch early stopping ended training after
 
 
 def evaluate(
@@ -59,6 +66,28 @@ def evaluate(
     return predictions, metrics
 
 
+# --scheduler -> transformers.get_scheduler's name; every schedule starts with the warm-up.
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def late_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the late route runs under bf16 autocast (``--precision``): CUDA only."""
+    if precision == "float32" or device.type != "cuda":
+        return False
+    return precision == "bf16" or torch.cuda.is_bf16_supported()
+
+
+def place(model: SherlModel, device: torch.device, precision: str) -> SherlModel:
+    """Move the model to ``device`` with the late route's precision set for it."""
+    model.late_bf16 = late_bf16(precision, device)
+    return model.to(device)
+
+
+def accumulation_groups(batches: list[np.ndarray], accum: int) -> list[list[np.ndarray]]:
+    """Consecutive batches whose gradients make one optimiser step (the last may be short)."""
+    return [batches[i : i + accum] for i in range(0, len(batches), accum)]
+
+
 def fit(
     model: SherlModel,
     train: FeatureSource,
@@ -69,30 +98,44 @@ def fit(
     *,
     max_steps: int | None = None,
     progress: bool = True,
-    report: Callable[[str], None] = lambda _: None,
+    report: Callable[[str], None] = log.info,
+    tracker: Tracker | None = None,
 ) -> FitResult:
-    """Seeded AdamW with linear warm-up and decay; validation after every epoch."""
-    from tqdm.auto import tqdm
+    """Seeded AdamW with a warm-up and ``--scheduler``; validation after every epoch.
 
-    model.to(device)
+    Gradients of ``--grad-accum`` batches add up, each batch's mean loss weighted by its share
+    of the group's examples, so a step equals one step on the group as a single batch.
+    ``max_steps`` counts optimiser steps.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    tracker = tracker or NoTracker()
+    place(model, device, config.precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    batches_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total = steps_per_epoch * config.epochs if max_steps is None else max_steps
-    warmup = int(config.warmup_ratio * total)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
+    schedule = get_scheduler(
+        SCHEDULES[config.lr_scheduler],
         optimizer,
-        lambda step: (
-            (step + 1) / warmup
-            if step < warmup
-            else max(0.0, (total - step) / max(1, total - warmup))
-        ),
+        num_warmup_steps=int(config.warmup_ratio * total),
+        num_training_steps=total,
+    )
+    log.debug(
+        "%d step(s) of %d batch(es) of %d, schedule %s, late route %s",
+        total,
+        config.grad_accum,
+        config.batch_size,
+        config.lr_scheduler,
+        "bf16" if model.late_bf16 else "float32",
     )
     order = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     result = FitResult()
     began = time.perf_counter()
-    steps = 0
+    steps, stale = 0, 0
     for epoch in range(1, config.epochs + 1):
         model.train()
         permutation = (
@@ -100,30 +143,41 @@ def fit(
             if hasattr(train, "order")
             else torch.randperm(len(train), generator=order).numpy()
         )
+        batches = [
+            permutation[start : start + config.batch_size]
+            for start in range(0, len(train), config.batch_size)
+        ]
         losses = []
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"epoch {epoch}/{config.epochs}",
-            disable=not progress,
+            disable=bar_disabled(progress),
             leave=False,
         )
-        for start in range(0, len(train), config.batch_size):
-            t0 = time.perf_counter()
-            batch = train.batch(permutation[start : start + config.batch_size], device)
-            loss = model.loss(model(batch), batch.labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        for group in accumulation_groups(batches, config.grad_accum):
+            examples = sum(len(indices) for indices in group)
+            group_loss = 0.0
+            for indices in group:
+                t0 = time.perf_counter()
+                batch = train.batch(indices, device)
+                loss = model.loss(model(batch), batch.labels)
+                (loss * (len(indices) / examples)).backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                result.step_seconds.append(time.perf_counter() - t0)
+                value = loss.item()
+                losses.append(value)
+                result.step_losses.append(value)
+                group_loss += value * len(indices) / examples
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             schedule.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            result.step_seconds.append(time.perf_counter() - t0)
-            value = loss.item()
-            losses.append(value)
-            result.step_losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}")
-            bar.update()
+            optimizer.zero_grad(set_to_none=True)
             steps += 1
+            tracker.step(steps, group_loss, schedule.get_last_lr()[0])
+            bar.set_postfix(loss=f"{group_loss:.4f}")
+            bar.update()
             if max_steps is not None and steps >= max_steps:
                 break
         bar.close()
@@ -134,13 +188,23 @@ def fit(
         )
         epoch_result = EpochResult(epoch, float(np.mean(losses)), metrics)
         result.epochs.append(epoch_result)
+        tracker.epoch(epoch, {"loss": epoch_result.loss, **metrics})
         report(
             f"epoch {epoch}: loss {epoch_result.loss:.4f}"
             + "".join(f", {k} {v:.4f}" for k, v in metrics.items())
         )
         if result.best is None or _better(epoch_result, result.best, task):
-            result.best, result.best_state = epoch_result, trainable_state(model)
+            result.best, result.best_state, stale = epoch_result, trainable_state(model), 0
+        else:
+            stale += 1
         if max_steps is not None and steps >= max_steps:
+            break
+        if config.early_stopping is not None and stale >= config.early_stopping:
+            result.stopped_early = epoch
+            report(
+                f"early stopping after epoch {epoch}: no better {task.main_metric} "
+                f"in {stale} epoch(s)"
+            )
             break
     result.train_seconds = time.perf_counter() - began
     return result

@@ -16,6 +16,7 @@ from ..backbone.hub import backbone_parameter_count
 from ..backbone.late import build_late_route
 from ..config.train import Pool, TrainConfig
 from ..data.tasks import Problem, TaskSpec
+from ..errors import ConfigError
 from ..families import Family, LateRoute, get_family
 from ..store.cache import Cache
 from .features import Batch
@@ -34,12 +35,20 @@ class SherlModel(nn.Module):
         outputs = 1 if task.problem == Problem.REGRESSION else task.num_labels
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(hidden, outputs))
         self.regression = task.problem == Problem.REGRESSION
+        # The late route holds most of the compute; bf16 autocast there (CUDA) halves its
+        # activations. Set by whoever places the model (``training.loop.place``).
+        self.late_bf16 = False
 
     def forward(self, batch: Batch) -> Tensor:
         fused = self.fusion(batch.taps, batch.last, batch.mask)
-        states = self.late(fused, batch.mask)
+        with torch.autocast(fused.device.type, dtype=torch.bfloat16, enabled=self.late_bf16):
+            states = self.late(fused, batch.mask)
+        states = states.float()
         if self.pool == "first":
             pooled = states[:, 0]
+        elif self.pool == "last":  # right-padded: the last real token is at length - 1
+            last = batch.mask.sum(1).clamp(min=1) - 1
+            pooled = states[torch.arange(len(states), device=states.device), last]
         else:  # masked mean: every real token counts, padding never does
             weights = batch.mask[..., None].to(states.dtype)
             pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
@@ -77,8 +86,13 @@ def build_model(
         )
     )
     family = get_family(identity["family"])
-    late = build_late_route(model_path, config.late_layers)
     pool = config.pool or family.default_pool  # no pool given: the family's
+    if family.causal and pool == "first":
+        raise ConfigError(
+            "--pool first reads the first token, which in a decoder-only model has seen "
+            "nothing else; use --pool last (its default) or mean"
+        )
+    late = build_late_route(model_path, config.late_layers)
     model = SherlModel(fusion, late, task, pool, config.head_dropout)
     model.late.requires_grad_(config.late_mode == "full")
     if config.late_mode == "lora":
@@ -86,7 +100,12 @@ def build_model(
 
         present = {name.rsplit(".", 1)[-1] for name, _ in model.late.named_modules()}
         targets = [t for t in family.lora_targets if t in present]
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            target_modules=targets,
+            fan_in_fan_out=family.lora_fan_in_fan_out,
+        )
         inject_adapter_in_model(lora, model.late)
         for name, param in model.late.named_parameters():
             param.requires_grad_("lora_" in name)

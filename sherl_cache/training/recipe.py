@@ -7,6 +7,7 @@ do), so what ``train`` computes is exactly what they compute.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import statistics
 import sys
@@ -25,8 +26,11 @@ from .features import CachedFeatures
 from .loop import fit
 from .memory import MemoryMeter
 from .model import build_model, parameter_counts, trainable_state
-from .rundir import RunDir, RunRecord
+from .rundir import ADAPTER_NAME, RunDir, RunRecord
 from .taps import check_stored, resolve_taps
+from .tracking import check_tracker, open_tracker
+
+log = logging.getLogger(__name__)
 
 # ``find_cache`` and ``TrainConfig`` are part of what the CLI imports from the recipe.
 __all__ = ["TrainConfig", "TrainResult", "find_cache", "train"]
@@ -39,7 +43,7 @@ class TrainResult:
 
 
 def train(
-    config: TrainConfig, report: Callable[[str], None] = lambda _: None, progress: bool = True
+    config: TrainConfig, report: Callable[[str], None] = log.info, progress: bool = True
 ) -> TrainResult:
     """Run stage two from a cache into the run folder ``config.out``."""
     meter = MemoryMeter()
@@ -65,6 +69,7 @@ def train(
         raise CacheMismatchError(
             f"split {config.train_split!r} of {cache.path} has no labels to train on"
         )
+    check_tracker(config.report_to)
     run_dir = RunDir(config.out)
     run_dir.prepare(config.overwrite)
     device = resolve_device(config.device)
@@ -105,12 +110,24 @@ def train(
         f"training {task.name}: {len(train_source)} examples, taps {list(taps)}, "
         f"{config.late_layers} late layer(s) ({config.late_mode}), device {device}"
     )
-    fitted = fit(
-        model, train_source, eval_source, task, config, device, progress=progress, report=report
-    )
+    tracker = open_tracker(config.report_to, run_dir.path)
+    try:
+        fitted = fit(
+            model,
+            train_source,
+            eval_source,
+            task,
+            config,
+            device,
+            progress=progress,
+            report=report,
+            tracker=tracker,
+        )
+    finally:
+        tracker.close()
     peak, measure = meter.peak()
 
-    run_dir.save_checkpoint(fitted.best_state or trainable_state(model))
+    run_dir.save_checkpoint(fitted.best_state or trainable_state(model), lora_config(model))
     trainable, total = parameter_counts(model, model_path, family_of_cache(cache))
     metrics = {
         "task": task.name,
@@ -125,7 +142,13 @@ def train(
         "step_seconds_median": statistics.median(fitted.step_seconds),
         "train_seconds": fitted.train_seconds,
         "steps": len(fitted.step_seconds),
+        "stopped_early": fitted.stopped_early,
         "device": str(device),
     }
     run_dir.write_metrics(metrics)
     return TrainResult(config.out, metrics)
+
+
+def lora_config(model: Any) -> Any:
+    """The ``LoraConfig`` PEFT injected the late route's adapter with; None without LoRA."""
+    return getattr(model.late, "peft_config", {}).get(ADAPTER_NAME)

@@ -1,15 +1,18 @@
 """The run folder, mirroring ``Cache``: a typed record of what a run is, and the one place
 that knows the folder's file names.
 
-A run folder holds ``config.json`` (the ``RunRecord``), ``trainable.safetensors`` (only the
-tensors that train) and ``metrics.json``, written last so that its presence marks the run
-complete. Light commands (``report``) read run folders, so torch is imported only where
-tensors are saved or loaded.
+A run folder holds ``sherl_config.json`` (the ``RunRecord``), ``trainable.safetensors`` (only
+the tensors that train), for a LoRA late route also ``late_adapter/`` (a standard PEFT adapter
+folder of the same LoRA tensors), and ``metrics.json``, written last so that its presence marks
+the run complete. The record is not called ``config.json``: to every Hugging Face tool that
+name means a model config; runs written before keep loading from theirs. Light commands
+(``report``) read run folders, so torch is imported only where tensors are saved or loaded.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
@@ -21,9 +24,13 @@ from ..errors import RunError, SherlCacheError
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "sherl_config.json"
+LEGACY_CONFIG_FILE = "config.json"  # the record of runs written before sherl_config.json
 METRICS_FILE = "metrics.json"
 CHECKPOINT = "trainable.safetensors"
+ADAPTER_DIR = "late_adapter"
+# PEFT's names: the adapter a LoRA route is injected under, and the prefix of saved tensors.
+ADAPTER_NAME, PEFT_PREFIX = "default", "base_model.model."
 # Recorded since prediction support; together they fix the features a run was trained on.
 IDENTITY_FIELDS = ("backbone", "tokenizer", "max_length", "truncation_side", "dtype", "task_spec")
 
@@ -113,7 +120,13 @@ class RunDir:
 
     @property
     def config_file(self) -> Path:
-        return self.path / CONFIG_FILE
+        """The record: ``sherl_config.json``, or ``config.json`` in a run written before it."""
+        current, legacy = self.path / CONFIG_FILE, self.path / LEGACY_CONFIG_FILE
+        return legacy if legacy.is_file() and not current.is_file() else current
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
 
     @property
     def metrics_file(self) -> Path:
@@ -137,17 +150,40 @@ class RunDir:
                     f"--out {self.path} already holds a run; choose another --out or pass "
                     "--overwrite"
                 )
-            for file in (self.metrics_file, self.config_file, self.checkpoint):
+            for file in (self.metrics_file, self.checkpoint, *self._records()):
                 file.unlink(missing_ok=True)
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_record(self, record: RunRecord) -> None:
-        self.config_file.write_text(json.dumps(record.to_json(), indent=2))
+    def _records(self) -> tuple[Path, Path]:
+        return self.path / CONFIG_FILE, self.path / LEGACY_CONFIG_FILE
 
-    def save_checkpoint(self, state: Mapping[str, Tensor]) -> None:
+    def write_record(self, record: RunRecord) -> None:
+        (self.path / CONFIG_FILE).write_text(json.dumps(record.to_json(), indent=2))
+
+    def save_checkpoint(self, state: Mapping[str, Tensor], lora: Any = None) -> None:
+        """The trainable tensors; with ``lora`` (the route's ``LoraConfig``) also the PEFT
+        adapter folder."""
         from safetensors.torch import save_file
 
         save_file(dict(state), str(self.checkpoint))
+        if lora is not None:
+            self.save_adapter(lora, state)
+
+    def save_adapter(self, lora: Any, state: Mapping[str, Tensor]) -> None:
+        """The LoRA tensors as PEFT saves them, so ``PeftModel.from_pretrained(late, folder)``
+        puts them on the rebuilt late layers (``backbone.late.build_late_route``)."""
+        from safetensors.torch import save_file
+
+        marker = f".{ADAPTER_NAME}."
+        tensors = {
+            PEFT_PREFIX + name.removeprefix("late.").replace(marker, "."): tensor.contiguous()
+            for name, tensor in state.items()
+            if name.startswith("late.") and "lora_" in name
+        }
+        self.adapter_dir.mkdir(exist_ok=True)
+        lora.save_pretrained(str(self.adapter_dir))
+        save_file(tensors, str(self.adapter_dir / "adapter_model.safetensors"), {"format": "pt"})
 
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Written last: its presence marks the run complete."""

@@ -35,7 +35,28 @@ def check_stored(cache: Cache, taps: tuple[int, ...], split: int, task: TaskSpec
         layers = ",".join(map(str, sorted(set(cache.layers) | set(missing))))
         raise CacheMismatchError(
             f"cache {cache.path} does not store hidden-state indices {missing} needed by "
-            f"--tap/--late-layers (field layers: cache has {cache.layers}); make one with: "
-            f"sherl-cache extract --model {cache.manifest['model']['model_id']} --task "
-            f"{task.name} --layers {layers}"
+            f"--tap/--late-layers (field layers: cache has {cache.layers}); extend it into a "
+            f"new cache that has them with: {extend_command(cache, task, layers)} (new states "
+            "need the forward pass again, docs/cache-format.md)"
         )
+
+
+def extend_command(cache: Cache, task: TaskSpec, layers: str) -> str:
+    """The cache's own extract command with ``--layers`` replaced, written under a cache root
+    (an explicit ``--cache`` path is taken by this cache)."""
+    import shlex
+
+    recorded = cache.manifest.get("command")
+    if not recorded:
+        model = cache.manifest["model"]["model_id"]
+        return f"sherl-cache extract --model {model} --task {task.name} --layers {layers}"
+    parts, out = shlex.split(recorded), []
+    while parts:
+        part = parts.pop(0)
+        if part in ("--layers", "--cache"):
+            parts.pop(0)
+            continue
+        out.append(part)
+    if "--cache-root" not in out:
+        out += ["--cache-root", "cache"]
+    return shlex.join([*out, "--layers", layers])

@@ -53,6 +53,8 @@ def test_extract_info_train_end_to_end(tmp_path, tiny_models, glue_dir):
 
     info = cli("info", path)
     assert "bfloat16" in info.stdout and "always stored" in info.stdout and "train" in info.stdout
+    per_token = next(line for line in info.stdout.splitlines() if line.startswith("per token"))
+    assert "states x 32" in per_token  # the tiny T5's hidden size
     manifest = json.loads(cli("info", path, "--json").stdout)["manifest"]
     assert manifest["model"]["family"] == "t5"
 

@@ -153,6 +153,12 @@ def info(
         f"total      {human(stats['bytes_stored'])} on disk, {human(stats['bytes_raw'])} raw, "
         f"compression {total_ratio:.2f}x"
     )
+    if stats["tokens"]:  # what one more token of data costs: the figure that scales a cache
+        lines.append(
+            f"per token  {human(stats['bytes_stored'] / stats['tokens'])} on disk "
+            f"({len(cache.layers)} states x {cache.hidden_size}, "
+            f"{human(stats['bytes_raw'] / stats['tokens'])} raw)"
+        )
     typer.echo("\n".join(lines))
 
 

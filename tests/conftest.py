@@ -266,6 +266,23 @@ def glue_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bert_cache(tmp_path_factory, tiny_models, glue_dir) -> str:
+    """A float32 MRPC cache of the tiny BERT (train and validation), shared read-only."""
+    from sherl_cache.config.extract import ExtractConfig
+    from sherl_cache.extraction.extract import extract
+
+    config = ExtractConfig(
+        model=str(tiny_models["bert"]),
+        task="mrpc",
+        data_dir=glue_dir,
+        cache_root=tmp_path_factory.mktemp("bert-cache"),
+        dtype="float32",
+        device="cpu",
+    )
+    return extract(config, progress=False).path
+
+
+@pytest.fixture(scope="session")
 def real_glue_dir() -> Path:
     if not REAL_MRPC.is_dir():
         pytest.skip(f"real GLUE MRPC data not found at {REAL_MRPC}")

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from sherl_cache.config.extract import ExtractConfig
-
 HEAVY = ("torch", "transformers")
 
 # Runs the console script's main() with the given arguments, then reports what it imported.
@@ -46,19 +44,8 @@ def probe(*args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_models, glue_dir) -> str:
-    from sherl_cache.extraction.extract import extract
-
-    config = ExtractConfig(
-        model=str(tiny_models["bert"]),
-        task="mrpc",
-        data_dir=glue_dir,
-        cache_root=tmp_path_factory.mktemp("light-cache"),
-        dtype="float32",
-        device="cpu",
-        splits=("train", "validation"),
-    )
-    return extract(config, progress=False).path
+def cache(bert_cache) -> str:
+    return bert_cache
 
 
 @pytest.fixture(scope="module")

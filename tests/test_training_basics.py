@@ -8,10 +8,8 @@ import sys
 import pytest
 import torch
 
-from sherl_cache.config.extract import ExtractConfig
 from sherl_cache.config.train import TrainConfig
 from sherl_cache.errors import ConfigError
-from sherl_cache.extraction.extract import extract
 from sherl_cache.store.cache import open_cache
 from sherl_cache.training.discovery import task_of
 from sherl_cache.training.features import CachedFeatures
@@ -24,16 +22,8 @@ TAPS = [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_models, glue_dir) -> str:
-    config = ExtractConfig(
-        model=str(tiny_models["bert"]),
-        task="mrpc",
-        data_dir=glue_dir,
-        cache_root=tmp_path_factory.mktemp("basics"),
-        dtype="float32",
-        device="cpu",
-    )
-    return extract(config, progress=False).path
+def cache(bert_cache) -> str:
+    return bert_cache
 
 
 def fitted(

@@ -19,6 +19,18 @@ the pre-load baseline and excludes one-off loading transients. ``load_peak`` rep
 transient separately. Steps are timed like ``fit`` does (batch + forward + backward + step).
 
     python benchmarks/train_memory.py [--examples 64] [--steps 3] [--batch-size 4]
+
+``--route seq2seq`` measures the SHERL paper's T5 route instead: a random
+T5ForConditionalGeneration with t5-large's widths (encoder and decoder of ``--layers`` blocks),
+a seq2seq cache (encoder taps and every label word's teacher-forced decoder taps), and
+
+- ``cached``: ``build_model`` (the seq2seq model: two MTSAs, two fresh norms, the frozen last
+  decoder block and LM head) + ``Seq2SeqCachedFeatures`` + ``fit``;
+- ``online``: the same model fed by ``Seq2SeqTextFeatures`` (the whole frozen T5 in the loop);
+- ``full``: full fine-tuning of the T5ForConditionalGeneration on the gold label words
+  (transformers' own seq2seq loss), AdamW.
+
+    python benchmarks/train_memory.py --route seq2seq [--layers 24] [--steps 3]
 """
 
 from __future__ import annotations
@@ -39,9 +51,9 @@ import torch
 from torch import nn
 
 try:
-    from _common import build_t5_encoder, glue_dir, log, machine
+    from _common import build_t5_encoder, glue_dir, log, machine, save_tokenizer
 except ImportError:  # imported as benchmarks.train_memory
-    from benchmarks._common import build_t5_encoder, glue_dir, log, machine
+    from benchmarks._common import build_t5_encoder, glue_dir, log, machine, save_tokenizer
 
 from sherl_cache.backbone.frozen import load_backbone
 from sherl_cache.backbone.hub import backbone_parameter_count
@@ -55,6 +67,11 @@ from sherl_cache.training.features import CachedFeatures, OnlineFeatures
 from sherl_cache.training.loop import fit
 from sherl_cache.training.memory import MemoryMeter, status_kib
 from sherl_cache.training.model import build_model
+from sherl_cache.training.seq2seq import (
+    Seq2SeqCachedFeatures,
+    Seq2SeqTextFeatures,
+    seq2seq_taps,
+)
 from sherl_cache.training.taps import resolve_taps
 
 VARIANTS = ("cached", "online", "full")
@@ -88,6 +105,9 @@ def train_config(plan: dict[str, Any]) -> TrainConfig:
         batch_size=plan["batch_size"],
         epochs=1,
         device=plan["device"],
+        # the seq2seq route's reference fusion: gated, no dropout inside
+        fusion_variant="gated" if plan.get("route") == "seq2seq" else "linear",
+        fusion_dropout=0.0 if plan.get("route") == "seq2seq" else 0.1,
     )
 
 
@@ -97,17 +117,33 @@ def run_variant(variant: str, plan: dict[str, Any]) -> dict[str, Any]:
     cache = open_cache(plan["cache"])
     task = task_of(cache, None)
     split = cache.num_layers - config.late_layers
-    taps = resolve_taps(config.tap, cache, config.late_layers)
+    seq2seq = plan.get("route") == "seq2seq"
+    if seq2seq:
+        taps = seq2seq_taps(cache, config)
+    else:
+        taps = resolve_taps(config.tap, cache, config.late_layers)
     meter = MemoryMeter()
     meter.start(device)
     if variant == "full":
-        return {"variant": variant, **full_finetune(plan, cache, config, device, meter)}
+        tune = full_finetune_seq2seq if seq2seq else full_finetune
+        return {"variant": variant, **tune(plan, cache, config, device, meter)}
     backbone = None
     if variant == "online":
-        backbone, _, _ = load_backbone(plan["model"], device=str(device))
+        route = "seq2seq" if seq2seq else "encoder"
+        backbone, _, _ = load_backbone(plan["model"], device=str(device), route=route)
     model = build_model(config, cache, task, taps, plan["model"])
+    source: Any
     if backbone is None:
-        source = CachedFeatures(cache, config.train_split, taps, split)
+        if seq2seq:
+            source = Seq2SeqCachedFeatures(cache, config.train_split, taps)
+        else:
+            source = CachedFeatures(cache, config.train_split, taps, split)
+    elif seq2seq:
+        ids = [cache.input_ids(config.train_split, i) for i in range(cache.num_examples("train"))]
+        pad_id = getattr(backbone.config, "pad_token_id", None) or 0
+        identity = cache.manifest["model"]
+        labels = cache.labels(config.train_split)
+        source = Seq2SeqTextFeatures(backbone, identity, ids, taps, "float32", pad_id, labels)
     else:
         source = OnlineFeatures(backbone, cache, config.train_split, taps, split)
     load_peak = reset_high_water(meter)
@@ -187,17 +223,96 @@ def full_finetune(plan, cache, config: TrainConfig, device, meter: MemoryMeter) 
     }
 
 
+def full_finetune_seq2seq(
+    plan, cache, config: TrainConfig, device, meter: MemoryMeter
+) -> dict[str, Any]:
+    """Every weight of the T5ForConditionalGeneration trained on the gold label words with
+    transformers' own loss (token cross-entropy), on fit()'s example order and batches."""
+    from transformers import T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration.from_pretrained(plan["model"]).to(device)
+    targets = cache.manifest["model"]["decoder"]["target_ids"]
+    ids = [cache.input_ids(config.train_split, i) for i in range(cache.num_examples("train"))]
+    labels = cache.labels(config.train_split)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=config.weight_decay)
+    load_peak = reset_high_water(meter)
+    order = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    permutation = torch.randperm(len(ids), generator=order).numpy()
+    model.train()
+    seconds, losses = [], []
+    for start in range(0, len(ids), config.batch_size):
+        if len(seconds) >= plan["steps"]:
+            break
+        t0 = time.perf_counter()
+        rows = permutation[start : start + config.batch_size]
+        width = max(len(ids[i]) for i in rows)
+        batch = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for row, i in enumerate(rows):
+            batch[row, : len(ids[i])] = torch.from_numpy(ids[i].astype(np.int64))
+            mask[row, : len(ids[i])] = 1
+        gold = [targets[int(labels[i])] for i in rows]
+        target = torch.full((len(rows), max(map(len, gold))), -100, dtype=torch.long)
+        for row, words in enumerate(gold):
+            target[row, : len(words)] = torch.tensor(words)
+        loss = model(
+            input_ids=batch.to(device), attention_mask=mask.to(device), labels=target.to(device)
+        ).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    peak, how = meter.peak()
+    return {
+        "peak_bytes": int(peak),
+        "load_peak_bytes": int(load_peak),
+        "memory_measure": how,
+        "step_seconds": seconds,
+        "losses": losses,
+        "trainable_params": sum(p.numel() for p in model.parameters()),
+        "frozen_params_in_memory": 0,
+    }
+
+
+def build_t5_seq2seq(folder: Path, *, num_layers: int, seed: int = 0, **widths: Any) -> Path:
+    """A random T5ForConditionalGeneration (tied LM head, as t5-large) of the given widths."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = save_tokenizer(folder)
+    config = T5Config(
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        feed_forward_proj="relu",
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+        **widths,
+    )
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
 # --- the parent: model, cache, then one subprocess per variant ---------------------------
 
 
 def prepare(args, work: Path) -> dict[str, Any]:
-    log(f"building a random {args.layers}-layer encoder with t5-large's widths")
+    seq2seq = args.route == "seq2seq"
+    kind = "T5ForConditionalGeneration" if seq2seq else "encoder"
+    log(f"building a random {args.layers}-layer {kind} with t5-large's widths")
     t0 = time.perf_counter()
-    model_dir = build_t5_encoder(work / "t5-large-width", num_layers=args.layers, **T5_LARGE_WIDTHS)
+    build = build_t5_seq2seq if seq2seq else build_t5_encoder
+    model_dir = build(work / "t5-large-width", num_layers=args.layers, **T5_LARGE_WIDTHS)
     build_seconds = time.perf_counter() - t0
     data, note = glue_dir(work / "glue", args.examples)
     split = args.layers - args.late_layers
-    layers = sorted(set(get_family("t5").default_taps(args.layers, args.late_layers)) | {split})
+    if seq2seq:  # the reference's encoder taps (the route stores its decoder side besides)
+        layers = list(get_family("t5").seq2seq_taps(args.layers, args.layers)[0])
+    else:
+        layers = sorted(set(get_family("t5").default_taps(args.layers, args.late_layers)) | {split})
     log(f"extracting {note}: hidden-state indices {layers}")
     t0 = time.perf_counter()
     result = extract(
@@ -210,6 +325,7 @@ def prepare(args, work: Path) -> dict[str, Any]:
             max_length=args.max_length,
             batch_size=16,
             cache=str(work / "cache"),
+            route=args.route,
         ),
         progress=False,
     )
@@ -219,6 +335,7 @@ def prepare(args, work: Path) -> dict[str, Any]:
         "model": str(model_dir),
         "cache": result.path,
         "data": note,
+        "route": args.route,
         "late_layers": args.late_layers,
         "late_mode": args.late_mode,
         "batch_size": args.batch_size,
@@ -231,6 +348,17 @@ def prepare(args, work: Path) -> dict[str, Any]:
         "model_build_seconds": round(build_seconds, 1),
         "extract_seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def all_parameters(model_dir: str) -> int:
+    """Every tensor's element count in the checkpoint (decoder and head included)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(model_dir).glob("*.safetensors"):
+        with safe_open(file, framework="pt") as handle:
+            total += sum(int(np.prod(handle.get_slice(n).get_shape())) for n in handle.keys())  # noqa: SIM118
+    return total
 
 
 def mib(n: int) -> float:
@@ -259,6 +387,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64, help="MRPC train rows cached")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--layers", type=int, default=24, help="encoder depth")
+    parser.add_argument("--route", default="encoder", choices=("encoder", "seq2seq"))
     parser.add_argument("--late-layers", type=int, default=1, help="k")
     parser.add_argument("--late-mode", default="frozen", choices=("frozen", "full", "lora"))
     parser.add_argument("--batch-size", type=int, default=4)
@@ -310,11 +439,14 @@ def main() -> None:
         out = {
             "benchmark": "train_memory",
             "model": {
-                "kind": "random T5 encoder, t5-large widths",
+                "kind": f"random T5 {'seq2seq' if args.route == 'seq2seq' else 'encoder'}, "
+                "t5-large widths",
+                "route": args.route,
                 "num_layers": args.layers,
                 **T5_LARGE_WIDTHS,
                 "feed_forward": "relu",
                 "encoder_params": backbone_parameter_count(plan["model"], get_family("t5")),
+                "all_params": all_parameters(plan["model"]),
             },
             "data": plan["data"],
             "machine": host,

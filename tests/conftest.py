@@ -165,9 +165,11 @@ def _roberta(vocab: int, tok, num_layers: int):
 
 
 def _t5(vocab: int, tok, num_layers: int):
-    from transformers import T5Config, T5ForConditionalGeneration
+    # Encoder-only, so the family tests run the encoder route (a checkpoint with a decoder
+    # defaults to the seq2seq route; tests/test_seq2seq.py builds those).
+    from transformers import T5Config, T5EncoderModel
 
-    return T5ForConditionalGeneration(
+    return T5EncoderModel(
         T5Config(
             vocab_size=vocab,
             d_model=32,

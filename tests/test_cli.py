@@ -63,7 +63,7 @@ def test_extract_info_train_end_to_end(tmp_path, tiny_models, glue_dir):
         "train", "--cache", path, "--out", str(out), "--epochs", "2", "--batch-size", "8", "--quiet"
     )
     assert trained.stdout.strip().splitlines()[-1] == str(out)
-    assert "best epoch" in trained.stderr and "trainable" in trained.stderr
+    assert "held-out validation" in trained.stderr and "trainable" in trained.stderr
     assert {p.name for p in out.iterdir()} >= {
         "sherl_config.json",
         "metrics.json",

@@ -58,6 +58,7 @@ def make_run(tmp_path_factory, tiny_models, glue_dir):
                 late_mode=late_mode,
                 epochs=1,
                 batch_size=8,
+                select_on="same",  # "best" then holds the whole validation split's figures
                 lr=1e-2,
                 device="cpu",
             )

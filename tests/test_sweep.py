@@ -198,6 +198,35 @@ def test_trial_equals_direct_train_and_failures_do_not_stop_the_sweep(tmp_path, 
     assert "tap=0,1: " in summary and "(n=2)" in summary
 
 
+# metrics.json keys that time or measure the run; everything else must match exactly
+TIMING_KEYS = {"train_seconds", "step_seconds_median", "peak_memory_bytes", "fused_trials"}
+
+
+@pytest.mark.parametrize("batching", ["random", "bucketed"])
+def test_fused_sweep_equals_trials_run_alone(tmp_path, cache, batching):
+    """Trials sharing batches train fused by default; every trial's folder holds what a lone
+    run writes: same epochs, choice, report, weights and table row."""
+    from safetensors.torch import load_file
+
+    grid = {"lr": [1e-2, 3e-2], "reduction": [4, 8], "seed": [0, 1]}
+    fixed = {"epochs": 2, "batch_size": 8, "device": "cpu", "batching": batching}
+    fused = run_sweep(small(cache, tmp_path / "fused", grid=grid, fixed=fixed))
+    alone = run_sweep(small(cache, tmp_path / "alone", grid=grid, fixed=fixed, fuse=False))
+    assert metric_rows(fused.rows) == metric_rows(alone.rows)
+    assert all(row["status"] == "ok" for row in fused.rows) and len(fused.rows) == 8
+    for trial in (tmp_path / "alone" / "trials").iterdir():
+        other = tmp_path / "fused" / "trials" / trial.name
+        a, b = (json.loads((t / "metrics.json").read_text()) for t in (trial, other))
+        assert b["fused_trials"] == 4 and "fused_trials" not in a
+        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {
+            k: v for k, v in b.items() if k not in TIMING_KEYS
+        }
+        wa, wb = (load_file(t / "trainable.safetensors") for t in (trial, other))
+        assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+        ca, cb = (json.loads((t / "sherl_config.json").read_text()) for t in (trial, other))
+        assert ca == cb | {"out": ca["out"]}
+
+
 def test_existing_sweep_needs_resume(tmp_path, cache):
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "sweep.json").write_text("{}")

@@ -190,7 +190,7 @@ def test_tap_above_split_is_refused(tmp_path, caches):
         ({"lr": -1.0}, "--lr"),
         ({"epochs": 0}, "--epochs"),
         ({"pool": "max"}, "--pool"),
-        ({"late_layers": 0}, "--late-layers"),
+        ({"late_layers": -1}, "--late-layers"),
     ],
 )
 def test_bad_train_config(tmp_path, overrides, match):

@@ -35,18 +35,20 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    route: str = "encoder",
 ) -> tuple[nn.Module, Any, BackboneInfo]:
     """The frozen, headless extraction model, its tokenizer and its identity.
 
     Call it with ``output_hidden_states=True``: ``hidden_states`` has L+1 entries, the last one
-    after any final norm (what the late route reproduces).
+    after any final norm (what the late route reproduces). For ``route="seq2seq"`` the model is
+    the family's seq2seq backbone (its encoder's index L is the last block's raw output).
     """
     path, commit = resolve_model_dir(model, revision)
     config = load_config(path, model, trust_remote_code)
     info = backbone_info(model, path, commit, config)
     family = family_of(config)
     try:
-        net = family.load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        net = family.load_route_model(path, route, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as exc:  # corrupt or incompatible weights
         raise ModelLoadError(f"cannot load model {model!r} (--model): {exc}") from exc
     net.eval().requires_grad_(False).to(device)

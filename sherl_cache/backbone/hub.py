@@ -176,13 +176,14 @@ def checkpoint_keys(path: Path) -> dict[str, Path]:
         return dict.fromkeys(handle.keys(), single)
 
 
-def backbone_parameter_count(model_path: str | Path, family: Family) -> int:
-    """Parameters of the cached backbone, from safetensors headers (no tensor is read)."""
+def backbone_parameter_count(model_path: str | Path, family: Family, *, whole: bool = False) -> int:
+    """Parameters of the cached backbone, from safetensors headers (no tensor is read);
+    ``whole``: every tensor of the checkpoint (the seq2seq route uses its decoder too)."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
     for name, file in checkpoint_keys(Path(model_path)).items():
-        if not name.startswith(family.outside_backbone):
+        if whole or not name.startswith(family.outside_backbone):
             by_file.setdefault(file, []).append(name)
     total = 0
     for file, names in by_file.items():

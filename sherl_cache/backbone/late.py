@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from ..errors import ConfigError, ModelLoadError
 from ..families import Family, LateRoute, family_of
 from .hub import checkpoint_keys, load_config, resolve_model_dir
 
-__all__ = ["build_late_route", "load_late_state_dict"]
+__all__ = ["build_late_route", "build_seq2seq_route", "load_late_state_dict"]
 
 
 def _check_k(k: int, num_layers: int, model: str | Path) -> None:
@@ -124,4 +124,34 @@ def build_late_route(
         )
     route.load_state_dict(state, strict=True, assign=True)
     route.extras.update(family.computed_extras(route.config))
+    return route
+
+
+def build_seq2seq_route(
+    model: str | Path, *, revision: str | None = None, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """The frozen end of the seq2seq route (the family's: T5's last decoder block, its
+    position bias and LM head) with pre-trained weights, read alone from safetensors."""
+    path, _ = resolve_model_dir(str(model), revision)
+    config = load_config(path, str(model))
+    family = family_of(config)
+    prefixes = sorted(family.seq2seq_route_tensors(config).items(), key=lambda p: -len(p[0]))
+    located = checkpoint_keys(path)
+    mapping: dict[str, str] = {}
+    for name in located:
+        for source, target in prefixes:
+            if name.startswith(source):
+                mapping[name] = target + name[len(source) :]
+                break
+    with torch.device("meta"):
+        route = family.build_seq2seq_route(config)
+    state = {
+        mapping[name]: t.to(dtype) for name, t in _read_tensors(located, list(mapping)).items()
+    }
+    missing = sorted(set(route.state_dict()) - set(state))
+    if missing:
+        raise ModelLoadError(
+            f"checkpoint {path} lacks {len(missing)} seq2seq-route tensor(s), e.g. {missing[0]}"
+        )
+    route.load_state_dict(state, strict=True, assign=True)
     return route

@@ -135,6 +135,7 @@ def info(
         f"(index {manifest['guaranteed_layer']} = input of the last layer, always stored "
         "for the late route)",
     ]
+    lines += _route_lines(manifest)
     lines.append("splits")
     for split in cache.splits:
         s = stats["per_split"][split]
@@ -160,6 +161,28 @@ def info(
             f"{human(stats['bytes_raw'] / stats['tokens'])} raw)"
         )
     typer.echo("\n".join(lines))
+
+
+def _route_lines(manifest: dict[str, Any]) -> list[str]:
+    """How stage two reads the cache; for the seq2seq route its text-to-text format and the
+    decoder side it stores."""
+    model = manifest["model"]
+    route = model.get("route", "encoder")
+    t2t = manifest["task"].get("text_to_text")
+    if route != "seq2seq" or t2t is None:
+        return [f"route      {route}"]
+    decoder = model["decoder"]
+    example = " ".join(f"{name} <{i}>" for i, name in enumerate(t2t["fields"], 1))
+    targets = t2t["targets"]
+    shown = ", ".join(targets if len(targets) <= 6 else [*targets[:3], "...", targets[-1]])
+    return [
+        f"route      seq2seq: encoder taps {', '.join(map(str, model['encoder_taps']))} "
+        f"(index {model['num_layers']} = raw output of the last encoder block)",
+        f'format     input "{t2t["prefix"]} {example}", targets {shown} '
+        f"({len(targets)} candidates)",
+        f"decoder    taps {', '.join(map(str, decoder['taps']))} of {decoder['num_layers']} "
+        f"layers, per example x {len(targets)} candidates (teacher-forced)",
+    ]
 
 
 def _lossy_note(manifest: dict[str, Any]) -> str:

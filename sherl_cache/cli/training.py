@@ -35,6 +35,7 @@ def train(
 
     from ..training.recipe import find_cache
     from ..training.recipe import train as run_train
+    from ..training.selection import result_line
 
     task = settings["task"]
     if settings["cache"] is None:
@@ -44,11 +45,7 @@ def train(
         settings["out"] = Path("runs") / f"{task or 'run'}-{stamp}"
     config = TrainConfig(**settings)
     metrics = run_train(config, report=err, progress=not quiet).metrics
-    best = metrics["best"]
-    err(
-        "best epoch {epoch}: ".format(**best)
-        + ", ".join(f"{k} {best[k]:.4f}" for k in best if k not in ("epoch",))
-    )
+    err(result_line(metrics))
     err(
         f"trainable {metrics['trainable_params']:,} / total {metrics['total_params']:,} params "
         f"({metrics['trainable_percent']:.3f}%), "
@@ -86,6 +83,12 @@ def sweep(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the sweep in --out: keep complete trials, rerun the rest."
     ),
+    fuse: bool = typer.Option(
+        True,
+        "--fuse/--no-fuse",
+        help="Train trials that read the same batches together (one read per batch; same "
+        "results); --no-fuse: one after another.",
+    ),
 ) -> None:
     """Train many trials from one cache (grid or random search); print the ranked results."""
     import dataclasses
@@ -108,6 +111,7 @@ def sweep(
         workers=workers,
         scheduler=scheduler,
         resume=resume,
+        fuse=fuse,
     )  # validated before looking for a cache: a bad --grid fails first
     if cache is None:
         found = find_cache(cache_root, task=task, model=settings["model"])

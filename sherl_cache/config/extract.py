@@ -9,12 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..errors import ConfigError
 from ..runtime import Device, StorageDtype
 from .settings import LAYER_SPEC, POSITIVE, at_least, setting, validate
 
 DATA, MODEL, RUN = "Data", "Model", "Run"
+
+# How stage two reads the backbone; recorded in the cache manifest (``model.route``).
+Route = Literal["encoder", "seq2seq"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,13 @@ class ExtractConfig:
         help="Hidden-state indices: default (what train's default taps read, up to 3 late "
         "layers) | all | i,j,k | every:N (L-1 is always kept).",
         bound=LAYER_SPEC,
+        panel=MODEL,
+    )
+    route: Route | None = setting(
+        None,
+        help="encoder: fusion, last k layers, pooled head (any family). seq2seq: T5 as the SHERL "
+        "paper runs it (text to text, fusion on both sides, last decoder block, label words "
+        "scored). Default: seq2seq for T5 checkpoints with a decoder, else encoder.",
         panel=MODEL,
     )
     dtype: StorageDtype | None = setting(

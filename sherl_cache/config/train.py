@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ..errors import ConfigError
 from ..runtime import Device
 from .settings import (
     FRACTION,
@@ -17,6 +18,7 @@ from .settings import (
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_NUMBER,
+    Bound,
     at_least,
     setting,
     validate,
@@ -29,6 +31,44 @@ Pool = Literal["mean", "first", "last"]
 Schedule = Literal["linear", "cosine", "constant"]
 Precision = Literal["auto", "bf16", "float32"]
 ReportTo = Literal["none", "tensorboard"]
+Batching = Literal["random", "bucketed"]
+
+SMALL_TASK_TRAIN_EXAMPLES = 10_000  # below it, auto selection halves the validation split
+AUTO_HOLDOUT = 1_000  # training examples auto selection holds out on larger tasks
+
+
+@dataclass(frozen=True)
+class SelectOn:
+    """A parsed ``--select-on``: where the best epoch is chosen."""
+
+    kind: Literal["auto", "same", "validation", "train"]
+    amount: float | int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> SelectOn:
+        text = spec.strip().lower()
+        if text in ("auto", "same"):
+            return cls(text)  # type: ignore[arg-type]
+        kind, _, value = text.partition(":")
+        try:
+            if kind == "validation" and 0 < float(value) < 1:
+                return cls("validation", float(value))
+            if kind == "train" and int(value) > 0:
+                return cls("train", int(value))
+        except ValueError:
+            pass
+        raise ConfigError(f"--select-on must be {SELECT_SPEC.words}, got {spec!r}")
+
+
+def _is_select_spec(spec: str) -> bool:
+    try:
+        SelectOn.parse(spec)
+    except ConfigError:
+        return False
+    return True
+
+
+SELECT_SPEC = Bound(_is_select_spec, "auto, same, validation:F with 0 < F < 1, or train:N")
 
 DEFAULT_MEMORY_BUDGET = 4 << 30  # host bytes of cached states one split may hold at once
 
@@ -49,19 +89,36 @@ class TrainConfig:
         panel=FUSION,
     )
     late_layers: int = setting(
-        1, help="Pre-trained layers after the fusion (k).", bound=at_least(1), panel=LATE
+        1,
+        help="Pre-trained layers after the fusion (k; 0: a probe on the fused states).",
+        bound=at_least(0),
+        panel=LATE,
     )
     late_mode: LateMode = setting(
         "frozen", help="How the late layers learn: frozen, full fine-tuning or LoRA.", panel=LATE
     )
+    late_lr: float | None = setting(
+        None,
+        help="Peak learning rate of the late layers' trained weights (--late-mode full or "
+        "lora; default: --lr).",
+        bound=POSITIVE_NUMBER,
+        panel=LATE,
+    )
     lora_rank: int = setting(8, help="LoRA rank (--late-mode lora).", bound=POSITIVE, panel=LATE)
     lora_alpha: float = setting(16.0, help="LoRA scaling alpha (--late-mode lora).", panel=LATE)
     reduction: int = setting(8, help="Fusion width d/r.", bound=at_least(1), panel=FUSION)
-    fusion_variant: FusionVariant = setting(
-        "linear", help="Fusion projection: linear (+LayerNorm) or gated.", panel=FUSION
+    fusion_variant: FusionVariant | None = setting(
+        None,
+        help="Fusion projection: linear (+LayerNorm) or gated (default: the family's reference "
+        "module: gated for T5, linear otherwise).",
+        panel=FUSION,
     )
-    fusion_dropout: float = setting(
-        0.1, help="Dropout inside the fusion.", bound=FRACTION, panel=FUSION
+    fusion_dropout: float | None = setting(
+        None,
+        help="Dropout inside the fusion (default: the family's reference: 0 for T5, 0.1 "
+        "otherwise).",
+        bound=FRACTION,
+        panel=FUSION,
     )
     head_dropout: float = setting(
         0.1, help="Dropout before the classification head.", bound=FRACTION, panel=FUSION
@@ -81,10 +138,22 @@ class TrainConfig:
     warmup_ratio: float = setting(
         0.06, help="Share of steps with a linear warm-up.", bound=FRACTION, panel=OPTIMISER
     )
+    warmup_steps: int | None = setting(
+        None,
+        help="Optimiser steps of linear warm-up; replaces --warmup-ratio when given.",
+        bound=NON_NEGATIVE,
+        panel=OPTIMISER,
+    )
     epochs: int = setting(
         20, help="Passes over the training split.", bound=at_least(1), panel=OPTIMISER
     )
     batch_size: int = setting(100, help="Examples per step.", bound=POSITIVE, panel=OPTIMISER)
+    batching: Batching = setting(
+        "random",
+        help="Batch membership: random, or bucketed (examples of similar length together, "
+        "batch order still shuffled; less padding, faster).",
+        panel=OPTIMISER,
+    )
     grad_accum: int = setting(
         1,
         help="Batches whose gradients add up before each optimiser step.",
@@ -111,7 +180,24 @@ class TrainConfig:
     )
     seed: int = setting(0, help="Seed of initialisation, shuffling and dropout.", panel=OPTIMISER)
     train_split: str = setting("train", help="Split to train on.", panel=INPUT)
-    eval_split: str = setting("validation", help="Split scored after every epoch.", panel=INPUT)
+    eval_split: str = setting(
+        "validation", help="Labelled split the run is scored on.", panel=INPUT
+    )
+    select_on: str = setting(
+        "auto",
+        help="Data the best epoch is chosen on, disjoint from what is reported: "
+        "validation:F (a seeded fraction F of --eval-split; the rest is reported), "
+        "train:N (N held-out training examples; --eval-split is reported), "
+        "auto (the SHERL reference: validation:0.5 under 10,000 training examples, else "
+        "train:1000) or same (choose and report on --eval-split: biased upward).",
+        bound=SELECT_SPEC,
+        panel=INPUT,
+    )
+    selection_seed: int = setting(
+        42,
+        help="Seed of the --select-on split; the same for every trial of a sweep.",
+        panel=INPUT,
+    )
     device: Device = setting(
         "auto", help="Where training runs (auto: CUDA when present).", panel=RUN
     )
@@ -145,6 +231,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.late_layers == 0 and self.late_mode != "frozen":
+            raise ConfigError(
+                f"--late-mode {self.late_mode} needs late layers to tune; with --late-layers 0 "
+                "the head reads the fused states directly"
+            )
+
+    @property
+    def selection(self) -> SelectOn:
+        return SelectOn.parse(self.select_on)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -34,6 +34,44 @@ def _frozen(mapping: Mapping[str, object] | None) -> Mapping:
     return MappingProxyType(dict(mapping or {}))
 
 
+# STS-B as text: scores rounded to bins of 0.2, each written with one decimal ("0.0".."5.0").
+STSB_STEP = 0.2
+STSB_BINS = tuple(f"{i * STSB_STEP:.1f}" for i in range(26))
+
+
+@dataclass(frozen=True)
+class TextToText:
+    """A task as the reference T5 code writes it: ``<prefix> <field> <text> <field> <text>``
+    as the input, a short label text as the target.
+
+    The seq2seq route scores every target in ``targets`` (rank classification), so class ``i``
+    is ``targets[i]``; the GLUE label words are the class indices as digits, in the registry's
+    (the hub's) class order. A regression task's targets are score bins: ``bin_of`` maps a
+    score to its bin, ``values`` maps bins back to numbers for Pearson/Spearman.
+    """
+
+    prefix: str
+    fields: tuple[str, ...]  # one field name per text column, written before its text
+    targets: tuple[str, ...]
+
+    def source(self, texts: Sequence[str]) -> str:
+        """The input text of one example: the prefix, then each field name and its text."""
+        parts = [self.prefix]
+        for name, text in zip(self.fields, texts, strict=True):
+            parts += [name, text]
+        return " ".join(parts)
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        """The number each target stands for (regression bins)."""
+        return tuple(float(t) for t in self.targets)
+
+    def bin_of(self, score: float) -> int:
+        """The target index of a regression score: the nearest bin, clamped to the range."""
+        index = int(round(float(score) / STSB_STEP))
+        return min(max(index, 0), len(self.targets) - 1)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Everything needed to read, train and score one task.
@@ -63,6 +101,8 @@ class TaskSpec:
     hub_text_columns: tuple[str, ...] | None = None
     # split name -> hub split name, only where they differ (MNLI's matched sets).
     hub_splits: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # The text-to-text form the seq2seq route (T5 as the paper runs it) trains on.
+    text_to_text: TextToText | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("split_files", "headerless_columns", "hub_splits"):
@@ -79,6 +119,13 @@ class TaskSpec:
         unknown = set(self.metrics) - set(METRIC_NAMES)
         if unknown or self.main_metric not in self.metrics:
             raise ValueError(f"{self.name}: bad metrics {self.metrics} / {self.main_metric}")
+        t2t = self.text_to_text
+        if t2t is not None and len(t2t.fields) != len(self.text_columns):
+            # A registry task read from files with another number of text columns: the
+            # format names the registry's fields, so it no longer applies.
+            object.__setattr__(self, "text_to_text", None)
+        elif t2t is not None and self.label_names and len(t2t.targets) != len(self.label_names):
+            raise ValueError(f"{self.name}: one text-to-text target per label")
 
     @property
     def num_labels(self) -> int:
@@ -99,6 +146,7 @@ def _glue(
     metrics: tuple[str, ...],
     main_metric: str,
     hub_text_columns: tuple[str, ...],
+    fields: tuple[str, ...],
     *,
     id_column: str = "index",
     split_files: Mapping[str, str] | None = None,
@@ -121,11 +169,18 @@ def _glue(
         hub=("nyu-mll/glue", name),
         hub_text_columns=hub_text_columns,
         hub_splits=hub_splits or {},
+        # The reference's format: the task name as prefix, class indices as label words.
+        text_to_text=TextToText(
+            prefix=name,
+            fields=fields,
+            targets=STSB_BINS if label_names is None else tuple(map(str, range(len(label_names)))),
+        ),
     )
 
 
 _COLA_COLUMNS = ("source", "label", "original_label", "sentence")
 _PAIR = ("sentence1", "sentence2")
+_PAIR_FIELDS = ("sentence1:", "sentence2:")
 
 # Main metrics: CoLA is scored by Matthews correlation alone. For MRPC/QQP (accuracy and F1)
 # and STS-B (Pearson and Spearman) GLUE reports two numbers; we select epochs on accuracy and
@@ -141,6 +196,7 @@ GLUE_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             ("matthews",),
             "matthews",
             ("sentence",),
+            ("sentence:",),
             headerless_columns={"train": _COLA_COLUMNS, "validation": _COLA_COLUMNS},
         ),
         "sst2": _glue(
@@ -152,6 +208,7 @@ GLUE_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             ("accuracy",),
             "accuracy",
             ("sentence",),
+            ("sentence:",),
         ),
         "mrpc": _glue(
             "mrpc",
@@ -162,6 +219,7 @@ GLUE_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             ("accuracy", "f1"),
             "accuracy",
             _PAIR,
+            _PAIR_FIELDS,
         ),
         "qqp": _glue(
             "qqp",
@@ -172,6 +230,7 @@ GLUE_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             ("accuracy", "f1"),
             "accuracy",
             ("question1", "question2"),
+            ("question1:", "question2:"),
             id_column="id",
         ),
         "stsb": _glue(
@@ -183,6 +242,7 @@ GLUE_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             ("pearson", "spearman"),
             "pearson",
             _PAIR,
+            _PAIR_FIELDS,
         ),
         "mnli": _glue(
             "mnli",
@@ -193,6 +253,8 @@ GLUE_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             ("accuracy",),
             "accuracy",
             ("premise", "hypothesis"),
+            # "hypothesis" without a colon: as the reference writes it
+            ("premise:", "hypothesis"),
             split_files={
                 "train": "train.tsv",
                 "validation": "dev_matched.tsv",
@@ -211,6 +273,7 @@ GLUE_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             ("accuracy",),
             "accuracy",
             ("question", "sentence"),
+            ("question:", "sentence:"),
         ),
         "rte": _glue(
             "rte",
@@ -221,6 +284,7 @@ GLUE_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             ("accuracy",),
             "accuracy",
             _PAIR,
+            _PAIR_FIELDS,
         ),
         "wnli": _glue(
             "wnli",
@@ -231,6 +295,7 @@ GLUE_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
             ("accuracy",),
             "accuracy",
             _PAIR,
+            _PAIR_FIELDS,
         ),
     }
 )

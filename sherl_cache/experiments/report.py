@@ -68,7 +68,7 @@ def write_report(sweep_dir: Path, out: Path | None = None, top: int = 5) -> Repo
     plots.append(
         _learning_curves(plt, good[:top], sweep_dir, metric, folder / "learning_curves.png")
     )
-    plots.append(_memory_vs_metric(plt, good, metric, folder / "memory_vs_metric.png"))
+    plots.append(_memory_vs_metric(plt, good, swept, metric, folder / "memory_vs_metric.png"))
     (folder / "table.txt").write_text(table + "\n")
     return Report(folder, plots, table, rows)
 
@@ -125,7 +125,7 @@ def _metric_by_value(
     if not numeric:
         ax.set_xticks(range(len(values)), [str(v) for v in values])
     ax.set_xlabel(key)
-    ax.set_ylabel(f"best {metric} (validation)")
+    ax.set_ylabel(_axis(rows, metric))
     ax.set_title(f"{metric} by {key}")
     ax.legend(fontsize=7)
     return _save(plt, fig, path)
@@ -154,22 +154,43 @@ def _learning_curves(
         )
     ax.set_xlabel("epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel(f"{metric} (validation)")
+    ax.set_ylabel(f"{metric} on the selection data")
     ax.set_title(f"learning curves of the top {len(rows)} trial(s)")
     ax.legend(fontsize=6)
     return _save(plt, fig, path)
 
 
-def _memory_vs_metric(plt, rows: Sequence[Mapping[str, Any]], metric: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    memory = [(r.get("peak_memory_bytes") or 0) / 2**20 for r in rows]
-    ax.scatter(memory, [r[metric] for r in rows], s=18)
-    for r, m in zip(rows[:3], memory[:3], strict=True):
-        ax.annotate(r["trial"], (m, r[metric]), fontsize=6)
+def _memory_vs_metric(
+    plt, rows: Sequence[Mapping[str, Any]], swept: Sequence[str], metric: str, path: Path
+) -> Path:
+    """The accuracy-memory frontier: one point per setting of the swept keys other than the
+    seed, at the mean over seeds, with the std as error bars and the setting as its label."""
+    others = [k for k in swept if k != "seed"]
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in others), []).append(row)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, members in groups.items():
+        memory = [(r.get("peak_memory_bytes") or 0) / 2**20 for r in members]
+        scores = [r[metric] for r in members]
+        x, y = sum(memory) / len(memory), sum(scores) / len(scores)
+        ax.errorbar(x, y, xerr=_std(memory), yerr=_std(scores), marker="o", markersize=4, capsize=3)
+        label = (
+            " ".join(f"{k}={v}" for k, v in zip(others, key, strict=True)) or members[0]["trial"]
+        )
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"peak training memory (MiB, {rows[0].get('device') or 'device'})")
-    ax.set_ylabel(f"best {metric} (validation)")
-    ax.set_title(f"memory vs {metric}")
+    ax.set_ylabel(_axis(rows, metric) + (" mean ± std over seeds" if "seed" in swept else ""))
+    ax.set_title(f"{metric} against memory")
     return _save(plt, fig, path)
+
+
+def _axis(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """A metric axis says what it was measured on: held out, or the biased same split."""
+    shown = rows[0].get("reported_on") or "validation"
+    if rows[0].get("protocol", "same") == "same":
+        return f"{metric} on {shown} (chosen on it too: biased)"
+    return f"held-out {metric} ({shown})"
 
 
 def _save(plt, fig, path: Path) -> Path:

@@ -66,14 +66,7 @@ def collect_rows(out: Path, spec: Mapping[str, Any] | None = None) -> list[dict[
         row: dict[str, Any] = {"trial": tid, **entry["values"]}
         metrics = RunDir(trial_folder(out, tid)).read_metrics()
         if metrics is not None:
-            best = dict(metrics.get("best") or {})
-            row |= {
-                "status": "ok",
-                "error": None,
-                "best_epoch": best.pop("epoch", None),
-                "best_loss": best.pop("loss", None),
-            }
-            row |= best
+            row |= {"status": "ok", "error": None} | metric_columns(metrics)
             row |= {
                 "peak_memory_bytes": metrics.get("peak_memory_bytes"),
                 "train_seconds": metrics.get("train_seconds"),
@@ -94,6 +87,33 @@ def collect_rows(out: Path, spec: Mapping[str, Any] | None = None) -> list[dict[
         row["path"] = str(trial_folder(Path(), tid))
         rows.append(row)
     return rows
+
+
+def metric_columns(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's figures as table columns: the reported (held-out) metrics under their own
+    names, the ones its epoch was chosen by as ``select_<name>``, and where each came from.
+
+    Runs written before held-out selection existed (no ``reported``) chose and reported on
+    the same split; their figures are kept under both names and marked biased.
+    """
+    best = dict(metrics.get("best") or {})
+    epoch, loss = best.pop("epoch", None), best.pop("loss", None)
+    reported = dict(metrics.get("reported", best) or {})
+    reported.pop("epoch", None)
+    chosen, shown = metrics.get("selected_on"), metrics.get("reported_on")
+    return {
+        "best_epoch": epoch,
+        "best_loss": loss,
+        **reported,
+        **{f"{SELECTED}{k}": v for k, v in best.items()},
+        "protocol": metrics.get("protocol", "same"),
+        "selected_on": _where(chosen),
+        "reported_on": _where(shown),
+    }
+
+
+def _where(part: Mapping[str, Any] | None) -> str | None:
+    return None if not part else f"{part['split']}[{part['examples']}]"
 
 
 def write_results(out: Path) -> list[dict[str, Any]]:
@@ -130,8 +150,16 @@ def _score(row: Mapping[str, Any], metric: str) -> float:
 
 
 def ranked(rows: Sequence[Mapping[str, Any]], metric: str) -> list[Mapping[str, Any]]:
-    """Complete trials, best first by the main metric (every GLUE metric: higher is better)."""
-    return sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: -_score(r, metric))
+    """Complete trials, best first by the main metric as measured on the *selection* data
+    (every GLUE metric: higher is better): ranking trials by their reported figure would
+    choose on the report set again."""
+    return sorted(
+        (r for r in rows if r.get("status") == "ok"), key=lambda r: -_score(r, _chooser(r, metric))
+    )
+
+
+def _chooser(row: Mapping[str, Any], metric: str) -> str:
+    return SELECTED + metric if SELECTED + metric in row else metric
 
 
 def seed_groups(
@@ -139,19 +167,23 @@ def seed_groups(
 ) -> list[dict[str, Any]]:
     """Mean and sample std of ``metric`` over seeds for each setting of the other swept keys."""
     others = [k for k in swept if k != "seed"]
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in ranked(rows, metric):
-        groups.setdefault(tuple(row.get(k) for k in others), []).append(_score(row, metric))
-    summary = [
-        {
-            "values": dict(zip(others, key, strict=True)),
-            "mean": statistics.fmean(scores),
-            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-            "n": len(scores),
-        }
-        for key, scores in groups.items()
-    ]
-    return sorted(summary, key=lambda g: -g["mean"])
+        groups.setdefault(tuple(row.get(k) for k in others), []).append(row)
+    summary = []
+    for key, members in groups.items():
+        scores = [_score(r, metric) for r in members]
+        summary.append(
+            {
+                "values": dict(zip(others, key, strict=True)),
+                "mean": statistics.fmean(scores),
+                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "n": len(scores),
+                # Settings are ranked by the selection data, as trials are.
+                "select_mean": statistics.fmean(_score(r, _chooser(r, metric)) for r in members),
+            }
+        )
+    return sorted(summary, key=lambda g: -g["select_mean"])
 
 
 def _cell(value: Any) -> str:
@@ -202,7 +234,13 @@ def format_summary(
         text.append("no trial completed")
         return "\n".join(text)
     top = best_rows[0]
-    text.append(f"best trial: {top['trial']} ({metric} {_cell(top.get(metric))}) in {top['path']}")
+    text.append(
+        f"best trial by {_chooser(top, metric)}: {top['trial']} "
+        f"({metric} {_cell(top.get(metric))} on {top.get('reported_on') or 'validation'}) "
+        f"in {top['path']}"
+    )
+    if top.get("protocol") == "same":
+        text.append("chosen and reported on the same data (--select-on same): biased upward")
     if "seed" in swept:
         groups = seed_groups(rows, swept, metric)
         text.append(f"mean ± std of {metric} over seeds:")
@@ -219,7 +257,8 @@ def format_summary(
     return "\n".join(text)
 
 
-# Row columns that are not metrics (everything else in a complete row is a best-epoch metric).
+# Row columns that are not metrics (everything else in a complete row is a metric at the
+# chosen epoch: reported, or ``select_``-prefixed for the selection data).
 _NON_METRIC = {
     "trial",
     "status",
@@ -234,4 +273,8 @@ _NON_METRIC = {
     "epochs_run",
     "device",
     "path",
+    "protocol",
+    "selected_on",
+    "reported_on",
 }
+SELECTED = "select_"  # prefix of the columns holding what a trial's epoch was chosen by

@@ -4,7 +4,9 @@ The backbone pass is the expensive part of SHERL training, and the cache pays it
 sweep is where that pays off, since every trial reads the same cache. A sweep is a list of
 ``TrainConfig`` that differ only in the swept values (a grid, or random samples over
 ranges). Each trial runs ``training.train`` unchanged, so a trial's folder and numbers are
-exactly those of ``sherl-cache train`` with the same options.
+exactly those of ``sherl-cache train`` with the same options. Local sweeps fuse trials that
+read the same batches (``training.fused``): one read and decode of each batch for all of them,
+the same folders and numbers as lone runs (tested).
 
 Layout of a sweep folder::
 
@@ -41,8 +43,10 @@ from ..config.values import Range, parse_value, unique
 from ..errors import ConfigError, RunError
 from ..store.cache import Cache, open_cache
 from ..training.discovery import family_of_cache, task_of
+from ..training.model import with_family_defaults
 from ..training.recipe import train
 from ..training.rundir import CONFIG_FILE, RunDir
+from ..training.seq2seq import is_seq2seq, seq2seq_taps
 from ..training.taps import resolve_taps
 from .results import (
     RESULTS_FILE,
@@ -97,6 +101,8 @@ class SweepConfig:
     random), and a swept ``seed`` is crossed with every point so each sampled configuration
     gets a mean over seeds. ``fixed`` holds values every trial shares (epochs, batch size).
     ``workers`` > 0 runs trials on a local dask cluster; ``scheduler`` on an existing one.
+    ``fuse`` (local runs) trains trials that read the same batches together
+    (``training.fused``): same results, each batch read and decoded once.
     """
 
     cache: str
@@ -111,6 +117,7 @@ class SweepConfig:
     scheduler: str | None = None
     resume: bool = False
     connect_timeout: float = 5.0
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         grid = {}
@@ -264,11 +271,56 @@ Job = tuple[Trial, dict[str, Any]]
 Runner = Callable[[Sequence[Job]], Iterator[tuple[Trial, dict[str, Any]]]]
 
 
+def run_fused(
+    configs: Sequence[dict[str, Any]], status_paths: Sequence[str]
+) -> list[dict[str, Any]]:
+    """``run_trial`` for trials that read the same batches, trained together
+    (``training.fused.train_fused``): one outcome and status file per trial, as ``run_trial``
+    writes them. A trial's ``seconds`` is its share of the group's wall time."""
+    from ..training.fused import train_fused
+
+    began = time.perf_counter()
+    try:
+        results: list[Any] = train_fused([TrainConfig.from_dict(c) for c in configs])
+    except Exception as exc:  # noqa: BLE001 - what the group shares failed: every trial fails
+        results = [exc] * len(configs)
+    seconds = (time.perf_counter() - began) / len(configs)
+    outcomes = []
+    for result, status_path in zip(results, status_paths, strict=True):
+        outcome: dict[str, Any] = (
+            {"status": "failed", "error": _one_line(result)}
+            if isinstance(result, Exception)
+            else {"status": "ok", "error": None}
+        )
+        outcome |= {
+            "seconds": seconds,
+            "fused": len(configs),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "finished": _now(),
+        }
+        _write_json(Path(status_path), outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
 @contextlib.contextmanager
-def _local_runner() -> Iterator[Runner]:
+def _local_runner(fuse: bool = True) -> Iterator[Runner]:
+    """Trials one after another; with ``fuse``, those that read the same batches together."""
+    from ..training.fused import groups
+
     def run(jobs: Sequence[Job]) -> Iterator[tuple[Trial, dict[str, Any]]]:
-        for trial, kwargs in jobs:
-            yield trial, run_trial(**kwargs)
+        configs = [TrainConfig.from_dict(kwargs["config"]) for _, kwargs in jobs]
+        for group in groups(configs) if fuse else [[i] for i in range(len(jobs))]:
+            if len(group) == 1:
+                trial, kwargs = jobs[group[0]]
+                yield trial, run_trial(**kwargs)
+                continue
+            outcomes = run_fused(
+                [jobs[i][1]["config"] for i in group], [jobs[i][1]["status_path"] for i in group]
+            )
+            for i, outcome in zip(group, outcomes, strict=True):
+                yield jobs[i][0], outcome
 
     yield run
 
@@ -351,7 +403,7 @@ def run_sweep(config: SweepConfig, report: Callable[[str], None] = lambda _: Non
         )
     done, todo = _partition(trials, cache)
     distributed = (config.workers or config.scheduler) and todo  # no cluster for nothing to do
-    runner = _dask_runner(config, report) if distributed else _local_runner()
+    runner = _dask_runner(config, report) if distributed else _local_runner(config.fuse)
     with runner as run:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / SPEC_FILE, _spec(config, trials, cache, task.main_metric))
@@ -378,7 +430,7 @@ def _outcome_text(trial: Trial, outcome: Mapping[str, Any], metric: str) -> str:
     if outcome["status"] != "ok":
         return f"FAILED{seconds}: {outcome['error']}"
     metrics = RunDir(trial.config.out).read_metrics() or {}
-    value = metrics.get("best", {}).get(metric)
+    value = (metrics.get("reported") or metrics.get("best") or {}).get(metric)
     return (f"{metric} {value:.4f}" if isinstance(value, (int, float)) else "ok") + seconds
 
 
@@ -425,15 +477,19 @@ def _partition(trials: Sequence[Trial], cache: Cache) -> tuple[list[Trial], list
             )
         taps = None
         with contextlib.suppress(ConfigError):
-            taps = list(resolve_taps(trial.config.tap, cache, trial.config.late_layers))
+            taps = (
+                list(seq2seq_taps(cache, trial.config))
+                if is_seq2seq(cache.manifest["model"])
+                else list(resolve_taps(trial.config.tap, cache, trial.config.late_layers))
+            )
+        wanted = with_family_defaults(trial.config, family)
         pairs = {
-            f.name: (getattr(record.config, f.name), getattr(trial.config, f.name))
+            f.name: (getattr(record.config, f.name), getattr(wanted, f.name))
             for f in fields(TrainConfig)
             if f.name not in _UNCOMPARED
         }
         pairs |= {
             "tap": (list(record.taps), taps),
-            "pool": (record.config.pool, trial.config.pool or family.default_pool),
             "cache_key": (record.cache_key, cache.manifest["key"]),
         }
         for key, (recorded, wanted) in pairs.items():

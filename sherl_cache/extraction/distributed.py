@@ -341,6 +341,11 @@ def extract_distributed(
         raise ConfigError("pass --workers (a local cluster) or --scheduler (an existing one)")
     began = time.perf_counter()
     plan = plan_extraction(config)
+    if plan.seq2seq is not None:
+        raise ConfigError(
+            "--route seq2seq caches are extracted in one process for now (the decoder side has "
+            "no dask driver yet): run sherl-cache extract, or pass --route encoder"
+        )
 
     def fill(store: OpenedStore) -> None:
         jobs = _jobs(plan, store, config.batch_size)

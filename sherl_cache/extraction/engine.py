@@ -69,6 +69,7 @@ def load_extraction_model(
     dtype: str,
     device: torch.device,
     trust_remote_code: bool,
+    route: str = "encoder",
 ) -> ExtractionModel:
     """The frozen backbone in its compute dtype, and a filter dropping inputs it does not take.
 
@@ -81,6 +82,7 @@ def load_extraction_model(
         dtype=compute_dtype(device, dtype),
         device=str(device),
         trust_remote_code=trust_remote_code,
+        route=route,
     )
     accepts_types = get_family(info.family).uses_token_type_ids
 

@@ -140,14 +140,23 @@ def estimate_plan(plan: Any, stage_two: dict[str, Any] | None = None) -> Estimat
     hidden_row = state * len(plan.layers)
     side_row = ID_BYTES
     ratio = EXPECTED_RATIO.get(dtype, 1.0)
+    # A seq2seq cache also stores, per example, every candidate target's decoder states.
+    decoder_example = 0
+    seq2seq = getattr(plan, "seq2seq", None)
+    if seq2seq is not None:
+        width = max(len(t) for t in seq2seq.target_ids)
+        decoder_example = len(seq2seq.target_ids) * width * len(seq2seq.decoder_layers) * state
     splits = {}
     for name, tokens in plan.tokenized.items():
         count = int(tokens.offsets[-1])
         row = side_row + (TYPE_BYTES if tokens.has_token_types else 0)
         # offsets and labels: 8 bytes per example each; side arrays are counted raw.
         per_example = 8 * (2 if tokens.labels is not None else 1)
-        raw = count * (hidden_row + row) + len(tokens.input_ids) * per_example
-        on_disk = count * (hidden_row / ratio + row) + len(tokens.input_ids) * per_example
+        examples = len(tokens.input_ids)
+        raw = count * (hidden_row + row) + examples * (per_example + decoder_example)
+        on_disk = count * (hidden_row / ratio + row) + examples * (
+            per_example + decoder_example / ratio
+        )
         splits[name] = SplitEstimate(len(tokens.input_ids), count, int(raw), int(on_disk))
     result = Estimate(
         path=plan.path,

@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..config.extract import ExtractConfig
 from ..runtime import resolve_device
+from ..store.cache import DecoderLayout
 from ..store.writer import OpenedStore, UnitWriter
 from .engine import load_extraction_model, run_unit
 from .plan import ExtractPlan, ExtractResult, execute, plan_extraction
+from .seq2seq import fill_decoder
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract"]
 
@@ -44,6 +47,7 @@ def _fill(plan: ExtractPlan, config: ExtractConfig, store: OpenedStore, progress
             dtype=plan.dtype,
             device=device,
             trust_remote_code=config.trust_remote_code,
+            route=plan.route,
         )
     context = model.context(plan.dtype, plan.layers, config.batch_size, plan.pad_id)
     writer = UnitWriter(store.root, plan.layers)
@@ -57,6 +61,35 @@ def _fill(plan: ExtractPlan, config: ExtractConfig, store: OpenedStore, progress
         writer.close(check=False)  # keep the finished units; report the first error
         raise
     writer.close()
+    if plan.seq2seq is not None:  # the decoder side, once every encoder unit is durable
+        _fill_decoder(plan, store, model.net, device, config.batch_size, progress)
+
+
+def _fill_decoder(
+    plan: ExtractPlan,
+    store: OpenedStore,
+    net: Any,
+    device: Any,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    layout = DecoderLayout.of(plan.manifest)
+    assert plan.seq2seq is not None and layout is not None and store.root is not None
+    total = sum(len(t.input_ids) for t in plan.tokenized.values())
+    bar = _progress_bar("decoder", total, progress)
+    bar.unit = "ex"
+    fill_decoder(
+        store.root,
+        plan.tokenized,
+        plan.seq2seq,
+        layout,
+        net,
+        device,
+        batch_size,
+        plan.pad_id,
+        lambda _split, n: bar.update(n),
+    )
+    bar.close()
 
 
 @contextlib.contextmanager

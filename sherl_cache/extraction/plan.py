@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import __version__
 from ..backbone.frozen import load_tokenizer, tokenizer_identity
-from ..backbone.hub import BackboneInfo, inspect_backbone
+from ..backbone.hub import BackboneInfo, inspect_backbone, load_config
 from ..config.extract import ExtractConfig
 from ..data.files import Dataset
 from ..errors import CacheError
@@ -29,6 +29,7 @@ from ..store.cache import FORMAT_VERSION, Geometry, cache_key, open_cache
 from ..store.writer import OpenedStore, cache_lock, finalize, open_or_create, recorded_stats
 from .estimate import check_free_space, estimate_plan
 from .inputs import TokenizedSplit, load_dataset, tokenize_split
+from .seq2seq import Seq2SeqSpec, encoder_layers, plan_seq2seq, tokenize_sources
 
 
 @dataclass
@@ -62,6 +63,8 @@ class ExtractPlan:
     path: str
     pad_id: int
     ignore_free_space: bool = False
+    route: str = "encoder"
+    seq2seq: Seq2SeqSpec | None = None  # the decoder side a seq2seq cache stores besides
 
 
 LOSSY_BOUNDS = {
@@ -93,14 +96,29 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
     dataset = load_dataset(config)
     info = inspect_backbone(config.model, config.revision)
     family = get_family(info.family)
-    layers = stored_layers(config.layers, family, info.num_layers)
+    hf_config = load_config(Path(info.path), config.model, config.trust_remote_code)
+    route = config.route or family.default_route(hf_config)
+    family.check_route(route, hf_config)
     dtype = config.dtype or family.default_dtype
     tokenizer = load_tokenizer(info.path, trust_remote_code=config.trust_remote_code)
     template = family.prompt_template(config.template, len(dataset.task.text_columns))
-    tokenized = {
-        name: tokenize_split(family, tokenizer, split, config.max_length, template)
-        for name, split in dataset.splits.items()
-    }
+    seq2seq = None
+    if route == "seq2seq":
+        task = dataset.task if dataset.task.text_to_text is not None else None
+        seq2seq = plan_seq2seq(config, task, family, hf_config, tokenizer, dtype)
+        layers = encoder_layers(config.layers, seq2seq, info.num_layers)
+        tokenized = {
+            name: tokenize_sources(
+                family, tokenizer, split, config.max_length, seq2seq.text_to_text
+            )
+            for name, split in dataset.splits.items()
+        }
+    else:
+        layers = stored_layers(config.layers, family, info.num_layers)
+        tokenized = {
+            name: tokenize_split(family, tokenizer, split, config.max_length, template)
+            for name, split in dataset.splits.items()
+        }
     identity = tokenizer_identity(tokenizer, Path(info.path), family)
     if template is not None:  # how the texts were joined decides the tokens: part of the key
         identity["template"] = template
@@ -116,6 +134,7 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         layers,
         dtype,
         geometry,
+        seq2seq,
     )
     manifest["command"] = reproduce_command(config)  # also finishes a distributed run's cache
     path = config.cache or str(Path(config.cache_root) / default_cache_name(manifest))
@@ -131,6 +150,8 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         path,
         pad_id,
         ignore_free_space=config.ignore_free_space,
+        route=route,
+        seq2seq=seq2seq,
     )
 
 
@@ -191,6 +212,7 @@ def build_manifest(
     layers: tuple[int, ...],
     dtype: str,
     geometry: Geometry,
+    seq2seq: Seq2SeqSpec | None = None,
 ) -> dict[str, Any]:
     task = dataset.task
     manifest: dict[str, Any] = {
@@ -243,6 +265,9 @@ def build_manifest(
         "empty_chunks_written": True,  # absent chunk = lost chunk (verify relies on it)
     }
     manifest["sherl_cache_version"] = __version__
+    if seq2seq is not None:  # encoder-route manifests (and their keys) stay as they were
+        for section, fields in seq2seq.manifest_fields().items():
+            manifest[section].update(fields)
     manifest["key"] = cache_key(manifest)
     return manifest
 
@@ -277,6 +302,8 @@ def reproduce_command(config: ExtractConfig) -> str:
     parts += ["--layers", config.layers, "--max-length", str(config.max_length)]
     if config.template is not None:
         parts += ["--template", config.template]
+    if config.route is not None:
+        parts += ["--route", config.route]
     if config.dtype:
         parts += ["--dtype", config.dtype]
     if config.revision:

@@ -14,7 +14,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,51 @@ class Family(ABC):
     outside_backbone: ClassVar[tuple[str, ...]] = ()
     # Causal attention: a token sees only those before it (first-token pooling is meaningless).
     causal: ClassVar[bool] = False
+    # How stage two reads the backbone (``--route``): "encoder" (fusion, last k layers, a
+    # pooled head) for every family; "seq2seq" (the SHERL paper's T5 route) where offered.
+    routes: ClassVar[tuple[str, ...]] = ("encoder",)
+    # Init std of every linear of a gated fusion (``--fusion-variant gated``), as the family's
+    # reference builds it; None: torch's default initialisation.
+    gated_init_std: ClassVar[float | None] = None
+    # The fusion module of the family's SHERL reference when the user names none
+    # (``--fusion-variant``, ``--fusion-dropout``).
+    default_fusion_variant: ClassVar[str] = "linear"
+    default_fusion_dropout: ClassVar[float] = 0.1
+
+    # --- routes --------------------------------------------------------------------------
+    def default_route(self, config: PretrainedConfig) -> str:
+        """The route ``extract`` takes when ``--route`` is not given, for this checkpoint."""
+        return "encoder"
+
+    def check_route(self, route: str, config: PretrainedConfig) -> None:
+        """Refuse a route this family or this checkpoint cannot take, naming the flag."""
+        if route not in self.routes:
+            raise ConfigError(
+                f"--route {route} is not offered for {self.name} models; "
+                f"choose {' or '.join(self.routes)}"
+            )
+
+    def load_route_model(
+        self, path: Path, route: str, *, dtype: torch.dtype, trust_remote_code: bool
+    ) -> nn.Module:
+        """The frozen model extraction runs for ``route`` (the headless one for "encoder")."""
+        return self.load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+    def seq2seq_taps(self, num_layers: int, num_decoder_layers: int) -> tuple[tuple[int, ...], ...]:
+        """(encoder taps, decoder taps) of the seq2seq route; only seq2seq families have one."""
+        raise ConfigError(f"--route seq2seq is not offered for {self.name} models")
+
+    def build_seq2seq_route(self, config: PretrainedConfig) -> nn.Module:
+        """The frozen late end of the seq2seq route (built on the current device)."""
+        raise ConfigError(f"--route seq2seq is not offered for {self.name} models")
+
+    def seq2seq_route_tensors(self, config: PretrainedConfig) -> dict[str, str]:
+        """Checkpoint name prefix -> route name prefix of the seq2seq route's tensors."""
+        raise ConfigError(f"--route seq2seq is not offered for {self.name} models")
+
+    def side_norm(self, config: PretrainedConfig) -> nn.Module:
+        """A fresh trainable norm of the family's kind, after a fusion (seq2seq route)."""
+        raise ConfigError(f"--route seq2seq is not offered for {self.name} models")
 
     # --- the frozen backbone -------------------------------------------------------------
     @abstractmethod
@@ -138,6 +183,46 @@ class Family(ABC):
     @abstractmethod
     def run(self, route: LateRoute, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """Apply the route's layers (and extras) the way the full model's forward does."""
+
+
+class Seq2SeqBackbone(Protocol):
+    """What a family's seq2seq model (``load_route_model(..., "seq2seq")``) offers stage one,
+    prediction and the online reference: called like a headless model it gives the encoder's
+    states as the route caches them."""
+
+    def encoder_states(
+        self, input_ids: Tensor, attention_mask: Tensor
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """(encoder states 0..L as the route taps them, the output the decoder reads)."""
+        ...
+
+    def decoder_states(
+        self,
+        encoder_output: Tensor,
+        attention_mask: Tensor,
+        decoder_input_ids: Tensor,
+        decoder_attention_mask: Tensor,
+    ) -> tuple[Tensor, ...]:
+        """The decoder's hidden states 0..L for teacher-forced inputs."""
+        ...
+
+
+def teacher_forcing(
+    targets: Sequence[Sequence[int]], start_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Decoder inputs for candidate targets (each ending with EOS), right-padded to one length:
+    (decoder_input_ids (C, T): the start id then the target shifted right; target ids (C, T);
+    mask (C, T) of real target tokens)."""
+    width = max(len(t) for t in targets)
+    inputs = torch.full((len(targets), width), start_id, dtype=torch.long)
+    ids = torch.zeros((len(targets), width), dtype=torch.long)
+    mask = torch.zeros((len(targets), width), dtype=torch.long)
+    for row, target in enumerate(targets):
+        n = len(target)
+        ids[row, :n] = torch.tensor(target)
+        inputs[row, 1:n] = torch.tensor(target[:-1])
+        mask[row, :n] = 1
+    return inputs, ids, mask
 
 
 def additive_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention, T5Block, T5LayerNorm
 
+from ..errors import ConfigError
+from . import t5_seq2seq
 from .base import Family, LateRoute, additive_mask
 
 
@@ -42,6 +44,46 @@ class T5Family(Family):
     uses_token_type_ids = False
     outside_backbone = ("decoder.", "lm_head.")  # the encoder alone is the cached backbone
     _bias_tensor = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias."
+    routes = ("encoder", "seq2seq")
+    gated_init_std = 0.01  # MTSAdapter's linears in the T5 reference: N(0, 0.01), bias 0
+    default_fusion_variant = "gated"  # the T5 reference's MTSAdapter, no dropout inside
+    default_fusion_dropout = 0.0
+
+    def default_route(self, config: PretrainedConfig) -> str:
+        # The paper's route wherever the checkpoint has the decoder and LM head it needs.
+        return "seq2seq" if t5_seq2seq.has_decoder(config) else "encoder"
+
+    def check_route(self, route: str, config: PretrainedConfig) -> None:
+        super().check_route(route, config)
+        if route == "seq2seq" and not t5_seq2seq.has_decoder(config):
+            raise ConfigError(
+                "--route seq2seq needs a T5ForConditionalGeneration checkpoint (decoder and LM "
+                f"head); this one is {', '.join(config.architectures or ['unknown'])}: use "
+                "--route encoder"
+            )
+
+    def load_route_model(
+        self, path: Path, route: str, *, dtype: torch.dtype, trust_remote_code: bool
+    ) -> nn.Module:
+        if route == "seq2seq":
+            return t5_seq2seq.T5Seq2SeqBackbone.load(
+                path, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        return super().load_route_model(
+            path, route, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+
+    def seq2seq_taps(self, num_layers: int, num_decoder_layers: int) -> tuple[tuple[int, ...], ...]:
+        return t5_seq2seq.encoder_taps(num_layers), t5_seq2seq.decoder_taps(num_decoder_layers)
+
+    def build_seq2seq_route(self, config: PretrainedConfig) -> nn.Module:
+        return t5_seq2seq.T5DecoderRoute(config)
+
+    def seq2seq_route_tensors(self, config: PretrainedConfig) -> dict[str, str]:
+        return t5_seq2seq.T5DecoderRoute.checkpoint_names(config)
+
+    def side_norm(self, config: PretrainedConfig) -> nn.Module:
+        return t5_seq2seq.side_norm(config)
 
     def route_config(self, config: PretrainedConfig) -> PretrainedConfig:
         config = super().route_config(config)

@@ -65,8 +65,11 @@ def write_model_card(folder: Path, record: RunRecord, metrics: Mapping[str, Any]
     card = Path(folder) / MODEL_CARD
     if card.exists():
         return
-    best = metrics.get("best") or {}
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
+    reported = metrics.get("reported") or metrics.get("best") or {}
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in reported.items() if isinstance(v, float))
+    shown = metrics.get("reported_on")
+    if shown and not metrics.get("biased"):
+        scores += f" (held out: {shown['examples']} {shown['split']} examples never used to choose)"
     base = record.model_id if is_repo_id(record.model_id) else None
     header = ["---", "library_name: sherl-cache", "tags:", "- sherl-cache", "- sherl"]
     header += [f"base_model: {base}"] if base else []
@@ -76,7 +79,7 @@ def write_model_card(folder: Path, record: RunRecord, metrics: Mapping[str, Any]
         "",
         f"SHERL fusion + {record.config.late_layers} late layer(s) "
         f"({record.config.late_mode}) trained from a cache of the frozen backbone.",
-        f"Best epoch: {scores or 'n/a'}.",
+        f"Scores: {scores or 'n/a'}.",
         "",
         "```python",
         "from sherl_cache import Run",

@@ -34,11 +34,12 @@ from ..families import get_family
 from ..runtime import check_device, resolve_device
 from ..store.cache import Cache
 from ..training.discovery import task_from_record
-from ..training.features import CachedFeatures, TextFeatures
+from ..training.features import TextFeatures
 from ..training.loop import evaluate, place
 from ..training.model import SherlModel, build_model
 from ..training.recipe import lora_config
 from ..training.rundir import RunDir, RunRecord
+from ..training.seq2seq import Seq2SeqTextFeatures, cached_source, is_seq2seq
 from .hub import run_folder, upload_folder, write_model_card
 from .predictions import Prediction, Predictions
 
@@ -82,6 +83,11 @@ class Run:
     @property
     def max_length(self) -> int:
         return int(self.record.max_length)
+
+    @property
+    def route(self) -> str:
+        """ "encoder" or "seq2seq": how the run reads its backbone (recorded with it)."""
+        return "seq2seq" if is_seq2seq(self.record.backbone) else "encoder"
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, task={self.task.name!r}, model={self.model_path!r})"
@@ -154,7 +160,9 @@ class Run:
         if self._backbone is None:
             from ..backbone.frozen import tokenizer_identity
 
-            net, tokenizer, info = load_backbone(self.model_path, device=self.device)
+            net, tokenizer, info = load_backbone(
+                self.model_path, device=self.device, route=self.route
+            )
             found = tokenizer_identity(tokenizer, Path(info.path), self.family)
             for name, recorded in self.record.tokenizer.items():
                 if name not in ("name", "template") and found.get(name) != recorded:
@@ -206,17 +214,34 @@ class Run:
         if len(split) == 0:
             return Predictions([], self._empty_outputs(), self.task)
         backbone, tokenizer = self.backbone()
-        template = self.record.tokenizer.get("template")  # decoder-only: as the cache joined
-        tokens = tokenize_split(self.family, tokenizer, split, self.max_length, template)
-        source = TextFeatures(
-            backbone,
-            tokens.input_ids,
-            tokens.token_type_ids if self.family.uses_token_type_ids else None,
-            self.taps,
-            self.split_index,
-            self.dtype,
-            self.family.pad_id(tokenizer),
-        )
+        source: TextFeatures | Seq2SeqTextFeatures
+        if self.route == "seq2seq":  # text-to-text inputs, both sides computed on the fly
+            from ..extraction.seq2seq import tokenize_sources
+
+            assert self.task.text_to_text is not None
+            tokens = tokenize_sources(
+                self.family, tokenizer, split, self.max_length, self.task.text_to_text
+            )
+            source = Seq2SeqTextFeatures(
+                backbone,
+                self.record.backbone,
+                tokens.input_ids,
+                self.taps,
+                self.dtype,
+                self.family.pad_id(tokenizer),
+            )
+        else:
+            template = self.record.tokenizer.get("template")  # decoder-only: as cached
+            tokens = tokenize_split(self.family, tokenizer, split, self.max_length, template)
+            source = TextFeatures(
+                backbone,
+                tokens.input_ids,
+                tokens.token_type_ids if self.family.uses_token_type_ids else None,
+                self.taps,
+                self.split_index,
+                self.dtype,
+                self.family.pad_id(tokenizer),
+            )
         # Longest first, like extraction: batches of similar length waste little on padding.
         order = np.argsort([-len(ids) for ids in tokens.input_ids], kind="stable")
         outputs = self._run(source, order, batch_size, progress, f"predict {split.name}")
@@ -230,13 +255,18 @@ class Run:
             raise CacheMismatchError(
                 f"cache {cache.path} does not fit run {self.path} for split {split!r} ({problem})"
             )
-        source = CachedFeatures(cache, split, self.taps, self.split_index)
+        source = cached_source(cache, split, self.taps, self.split_index)
         outputs, _ = evaluate(self.model, source, self.task, self.device, batch_size)
         ids = [str(i) for i in range(len(source))]
         return Predictions(ids, outputs, self.task)
 
     def _run(
-        self, source: TextFeatures, order: np.ndarray, batch_size: int, progress: bool, desc: str
+        self,
+        source: TextFeatures | Seq2SeqTextFeatures,
+        order: np.ndarray,
+        batch_size: int,
+        progress: bool,
+        desc: str,
     ) -> np.ndarray:
         from tqdm.auto import tqdm
 
@@ -246,7 +276,7 @@ class Run:
         with torch.no_grad(), bar:
             for start in range(0, len(source), batch_size):
                 indices = order[start : start + batch_size]
-                values = self.model(source.batch(indices, self.device))
+                values = self.model.predictions(self.model(source.batch(indices, self.device)))
                 outputs[indices] = values.float().cpu().numpy()
                 bar.update(len(indices))
         return outputs
@@ -282,6 +312,7 @@ def cache_mismatch(run: Run, cache: Cache, split: str, data: SplitData | None = 
         ("truncation_side", manifest.get("truncation_side"), record.truncation_side),
         ("dtype", manifest.get("dtype"), record.dtype),
         ("task.name", manifest["task"]["name"], run.task.name),
+        ("model.route", manifest["model"].get("route", "encoder"), run.route),
     ]
     for name, found, wanted in pairs:
         if found != wanted:

@@ -180,8 +180,11 @@ def create_split(
     dtype: str,
     geometry: Geometry,
     has_token_types: bool,
+    decoder: DecoderLayout | None = None,
 ) -> zarr.Group:
-    """Create every array of a split; per-example arrays are written here, token arrays later."""
+    """Create every array of a split; per-example arrays are written here, token arrays later.
+
+    A seq2seq cache's split also gets its ``decoder`` subgroup (``decoder``)."""
     num_tokens = int(offsets[-1])
     group = root.create_group(split, overwrite=True)
     _example_array(group, "offsets", offsets.astype(np.int64), "example_edge")
@@ -222,7 +225,77 @@ def create_split(
         compressors=compressors(),
         dimension_names=["unit"],
     )
+    if decoder is not None:
+        create_decoder(group, decoder, len(offsets) - 1)
     return group
+
+
+# --- the decoder side of seq2seq caches ------------------------------------------------------
+
+DECODER = "decoder"  # a seq2seq cache's per-split subgroup of teacher-forced decoder states
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Shape of a seq2seq cache's decoder side: per example, the decoder's states for every
+    candidate target (class), each right-padded to the longest target."""
+
+    layers: tuple[int, ...]
+    candidates: int
+    target_tokens: int
+    hidden_size: int
+    dtype: str
+
+    @classmethod
+    def of(cls, manifest: Mapping[str, Any]) -> DecoderLayout | None:
+        """The layout a manifest records; None for encoder-route caches."""
+        decoder = manifest["model"].get("decoder")
+        if decoder is None:
+            return None
+        targets = decoder["target_ids"]
+        return cls(
+            layers=tuple(decoder["layers"]),
+            candidates=len(targets),
+            target_tokens=max(len(t) for t in targets),
+            hidden_size=int(manifest["model"]["hidden_size"]),
+            dtype=manifest["dtype"],
+        )
+
+    @property
+    def chunk_examples(self) -> int:
+        """Examples per chunk (and unit of writing): at least ~1 MiB of one layer."""
+        row = self.candidates * self.target_tokens * self.hidden_size
+        return max(1, CHUNK_TARGET_BYTES // (row * STORAGE_DTYPES[self.dtype].itemsize))
+
+    def num_blocks(self, examples: int) -> int:
+        return math.ceil(examples / self.chunk_examples)
+
+
+def create_decoder(group: zarr.Group, layout: DecoderLayout, examples: int) -> None:
+    """A split's decoder arrays (examples, candidates, target tokens, hidden) and their
+    per-block ``done`` flags (one chunk per block: flagging is one atomic file write)."""
+    decoder = group.create_group(DECODER, overwrite=True)
+    shape = (examples, layout.candidates, layout.target_tokens, layout.hidden_size)
+    for layer in layout.layers:
+        decoder.create_array(
+            hidden_name(layer),
+            shape=shape,
+            chunks=(layout.chunk_examples, *shape[1:]),
+            dtype=STORAGE_DTYPES[layout.dtype],
+            compressors=compressors(),
+            fill_value=0,
+            dimension_names=["example", "candidate", "target_token", "hidden"],
+            attributes={"layer": layer, "dtype": layout.dtype},
+        )
+    decoder.create_array(
+        "done",
+        shape=(layout.num_blocks(examples),),
+        chunks=(1,),
+        dtype="uint8",
+        fill_value=0,
+        compressors=compressors(),
+        dimension_names=["block"],
+    )
 
 
 def creation_marker(key: str, command: str | None) -> dict[str, Any]:
@@ -367,6 +440,27 @@ class Cache:
 
     def units_done(self, split: str) -> np.ndarray:
         return self._split(split)["units_done"][:]
+
+    @property
+    def route(self) -> str:
+        """How stage two reads this cache: "encoder" or "seq2seq" (manifest ``model.route``)."""
+        return str(self.manifest["model"].get("route", "encoder"))
+
+    @property
+    def decoder_layout(self) -> DecoderLayout | None:
+        return DecoderLayout.of(self.manifest)
+
+    def decoder_array(self, split: str, layer: int) -> zarr.Array:
+        """(examples, candidates, target tokens, hidden) decoder states of a seq2seq cache."""
+        try:
+            return self._split(split)[DECODER][hidden_name(layer)]
+        except KeyError:
+            raise CacheError(
+                f"cache {self.path} stores no decoder state {layer} for split {split!r}"
+            ) from None
+
+    def decoder_done(self, split: str) -> np.ndarray:
+        return self._split(split)[DECODER]["done"][:]
 
     def arrays(self, split: str) -> Iterator[tuple[str, zarr.Array]]:
         group = self._split(split)

@@ -399,7 +399,10 @@ def _load_model(cache: Cache, override: str | None, dtype, device):
         [override] if override else [recorded["model_id"], cache.manifest.get("model_path")]
     )
     path = verified_model_dir(recorded, candidates, f"cache {cache.path}", "model.weights_sha256")
-    net, _, _ = load_backbone(path, revision=recorded.get("revision"), dtype=dtype, device=device)
+    # The seq2seq route's model gives the encoder states as its cache stores them (L raw).
+    net, _, _ = load_backbone(
+        path, revision=recorded.get("revision"), dtype=dtype, device=device, route=cache.route
+    )
     return net
 
 

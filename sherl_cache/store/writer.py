@@ -31,7 +31,9 @@ from ..errors import CacheError, CacheLockedError, CacheMismatchError
 from ..runtime import is_scaled
 from .cache import (
     CREATING,
+    DECODER,
     Cache,
+    DecoderLayout,
     Geometry,
     create_split,
     creation_marker,
@@ -249,6 +251,14 @@ def _has_all_arrays(
         needed |= {"token_type_ids"} if layout.has_token_types else set()
         if not needed <= present:
             return False
+        decoder = DecoderLayout.of(manifest)
+        if decoder is not None:
+            try:
+                arrays = set(cache.split_group(name)[DECODER].array_keys())
+            except KeyError:
+                return False
+            if not {"done", *map(hidden_name, decoder.layers)} <= arrays:
+                return False
     return True
 
 
@@ -305,6 +315,7 @@ def _create(
             dtype=manifest["dtype"],
             geometry=Geometry.of(manifest),
             has_token_types=layout.has_token_types,
+            decoder=DecoderLayout.of(manifest),
         )
         fault_point(f"split-created:{name}")
     created = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -416,6 +427,10 @@ def finalize(store: OpenedStore) -> dict[str, Any]:
         for split in cache.splits:
             if not cache.units_done(split).all():
                 raise CacheError(f"split {split} of {cache.path} still has unwritten units")
+            if cache.decoder_layout is not None and not cache.decoder_done(split).all():
+                raise CacheError(
+                    f"split {split} of {cache.path} still has unwritten decoder blocks"
+                )
         stats = storage_stats(cache)
         store.root.attrs.update(
             {

@@ -77,6 +77,10 @@ class CachedFeatures:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def lengths(self) -> np.ndarray:
+        """Tokens per example, for length-aware batching (``training.batching``)."""
+        return np.diff(self.offsets)
+
     def order(self, generator: torch.Generator) -> np.ndarray:
         """The epoch's example order: a plain permutation when one window holds the split."""
         if len(self.windows) == 1:
@@ -112,9 +116,8 @@ class CachedFeatures:
         inside = window_of == self._window
         base = int(self.offsets[self.windows[self._window][0]])
         gather = np.where(mask, starts[:, None] - base + positions, starts[:, None] - base)
-        keep = torch.from_numpy(mask[..., None]).to(device)
-
         where = np.where(inside[:, None], gather, 0)
+        padding = ~mask
 
         def read(held: np.ndarray, array) -> np.ndarray:
             rows = held[where]
@@ -123,11 +126,19 @@ class CachedFeatures:
                 rows[row, :n] = array[start : start + n]
             return rows
 
+        decoded: dict[int, Tensor] = {}
+
         def states(layer: int) -> Tensor:
-            rows = read(self._held[layer], self._arrays[layer])
-            held_scales = self._held_scales[layer]
-            scales = None if held_scales is None else read(held_scales, self._scales[layer])
-            return torch.from_numpy(from_storage(rows, self.dtype, scales)).to(device) * keep
+            # Decoded once per batch (the split layer is often a tap too), from the stored
+            # dtype; padding is zeroed in that dtype (all-zero bits decode to 0 in every
+            # storage dtype), so no float32 copy is made beyond the one returned.
+            if layer not in decoded:
+                rows = read(self._held[layer], self._arrays[layer])
+                rows[padding] = 0
+                held_scales = self._held_scales[layer]
+                scales = None if held_scales is None else read(held_scales, self._scales[layer])
+                decoded[layer] = torch.from_numpy(from_storage(rows, self.dtype, scales)).to(device)
+            return decoded[layer]
 
         return Batch(
             taps=[states(layer) for layer in self.taps],
@@ -175,6 +186,10 @@ class TextFeatures:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per example, for length-aware batching (``training.batching``)."""
+        return np.array([len(ids) for ids in self.input_ids], dtype=np.int64)
 
     def hidden_states(self, ids: Tensor, mask: Tensor, types: Tensor | None) -> Sequence[Tensor]:
         return run_lower_layers(self.backbone, ids, mask, self.last, types)

@@ -24,7 +24,9 @@ Deliberate differences from the reference, none of which change results on real 
 - The attention mask zeroes the layer weights of padded tokens (their aggregate is the guide
   alone); the reference ignores the mask. Valid tokens are unaffected: all maths is per token.
 - Dropout sits on the fused branch before the gated residual for both variants. The T5
-  reference has none inside the module; its caller applies dropout after a final norm.
+  reference has none inside the module; its caller applies dropout after a final norm. The
+  seq2seq route builds the T5 reference's module: ``--fusion-variant gated``,
+  ``--fusion-dropout 0`` and every linear N(0, 0.01) with zero bias (``init_std``).
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ class FusionConfig:
     """Which reference module to follow (``--fusion-variant``)."""
     gate_temperature: float = 0.1
     """T in tanh(g / T): small T makes the zero-initialised gate open quickly."""
+    init_std: float | None = None
+    """Initialise every linear N(0, init_std) with zero bias, as the T5 reference does (0.01);
+    None keeps torch's default initialisation (the BERT reference's)."""
 
     def __post_init__(self) -> None:
         _check_int(self.hidden_size, "hidden_size (from the backbone config)", 1)
@@ -109,6 +114,8 @@ class FusionConfig:
                 f"got {self.variant!r}"
             )
         _check_number(self.gate_temperature, "gate_temperature", "> 0", lambda v: v > 0.0)
+        if self.init_std is not None:
+            _check_number(self.init_std, "init_std", "> 0", lambda v: v > 0.0)
 
     @property
     def bottleneck_size(self) -> int:
@@ -191,6 +198,11 @@ class MTSAFusion(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
         self.gate = nn.Parameter(torch.zeros(1))
+        if config.init_std is not None:
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
+                    nn.init.zeros_(module.bias)
 
     def gate_value(self) -> Tensor:
         """The current weight of ``last_feature`` in the result, tanh(g / T)."""

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..config.train import TrainConfig
+from ..config.train import Batching, TrainConfig
 from ..data.metrics import compute_metrics
 from ..data.tasks import TaskSpec
 from ..logs import bar_disabled
+from .batching import eval_batches, restore_order, train_batches
 from .features import FeatureSource
 from .model import SherlModel, trainable_state
 from .tracking import NoTracker, Tracker
@@ -49,18 +50,26 @@ class FitResult:
     step_losses: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: int | None = None  # the epoch early stopping ended training after
+    reported: dict[str, float] | None = None  # the report set's metrics at the chosen epoch
 
 
 def evaluate(
-    model: SherlModel, source: FeatureSource, task: TaskSpec, device: torch.device, batch_size: int
+    model: SherlModel,
+    source: FeatureSource,
+    task: TaskSpec,
+    device: torch.device,
+    batch_size: int,
+    batching: Batching = "random",
 ) -> tuple[np.ndarray, dict[str, float]]:
+    """Predictions in split order and their metrics; ``bucketed`` batches by length (less
+    padding), equal to split order up to float reassociation."""
     model.eval()
     outputs = []
+    batches = eval_batches(source, batch_size, batching)
     with torch.no_grad():
-        for start in range(0, len(source), batch_size):
-            indices = np.arange(start, min(start + batch_size, len(source)))
+        for indices in batches:
             outputs.append(model(source.batch(indices, device)).float().cpu())
-    predictions = torch.cat(outputs).numpy()
+    predictions = restore_order(model.predictions(torch.cat(outputs)).numpy(), batches)
     labels = getattr(source, "labels", None)
     metrics = compute_metrics(task, predictions, labels) if labels is not None else {}
     return predictions, metrics
@@ -83,6 +92,36 @@ def place(model: SherlModel, device: torch.device, precision: str) -> SherlModel
     return model.to(device)
 
 
+def param_groups(model: SherlModel, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: the late layers' trained weights at ``--late-lr``, the rest at ``--lr``.
+
+    Pre-trained weights usually want a smaller rate than freshly initialised fusion and head.
+    """
+    early, late = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (late if name.startswith("late.") else early).append(param)
+    groups = [{"params": early, "lr": config.lr}]
+    if late:
+        groups.append({"params": late, "lr": config.late_lr or config.lr})
+    return groups
+
+
+def warmup_steps(config: TrainConfig, total: int) -> int:
+    """``--warmup-steps`` when given, else ``--warmup-ratio`` of the run's steps."""
+    return (
+        config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total)
+    )
+
+
+def restore(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Put a ``trainable_state`` back (the chosen epoch's weights)."""
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for name, value in state.items():
+            parameters[name].copy_(value)
+
+
 def accumulation_groups(batches: list[np.ndarray], accum: int) -> list[list[np.ndarray]]:
     """Consecutive batches whose gradients make one optimiser step (the last may be short)."""
     return [batches[i : i + accum] for i in range(0, len(batches), accum)]
@@ -97,11 +136,16 @@ def fit(
     device: torch.device,
     *,
     max_steps: int | None = None,
+    report_on: FeatureSource | None = None,
     progress: bool = True,
     report: Callable[[str], None] = log.info,
     tracker: Tracker | None = None,
 ) -> FitResult:
-    """Seeded AdamW with a warm-up and ``--scheduler``; validation after every epoch.
+    """Seeded AdamW with a warm-up and ``--scheduler``; ``evaluation`` after every epoch.
+
+    The best epoch is chosen on ``evaluation`` alone. ``report_on``, a disjoint labelled set,
+    is scored once, with the chosen epoch's weights (``FitResult.reported``), so what is
+    reported never took part in choosing.
 
     Gradients of ``--grad-accum`` batches add up, each batch's mean loss weighted by its share
     of the group's examples, so a step equals one step on the group as a single batch.
@@ -113,14 +157,14 @@ def fit(
     tracker = tracker or NoTracker()
     place(model, device, config.precision)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=config.weight_decay)
     batches_per_epoch = math.ceil(len(train) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total = steps_per_epoch * config.epochs if max_steps is None else max_steps
     schedule = get_scheduler(
         SCHEDULES[config.lr_scheduler],
         optimizer,
-        num_warmup_steps=int(config.warmup_ratio * total),
+        num_warmup_steps=warmup_steps(config, total),
         num_training_steps=total,
     )
     log.debug(
@@ -138,15 +182,7 @@ def fit(
     steps, stale = 0, 0
     for epoch in range(1, config.epochs + 1):
         model.train()
-        permutation = (
-            train.order(order)
-            if hasattr(train, "order")
-            else torch.randperm(len(train), generator=order).numpy()
-        )
-        batches = [
-            permutation[start : start + config.batch_size]
-            for start in range(0, len(train), config.batch_size)
-        ]
+        batches = train_batches(train, config.batch_size, order, config.batching)
         losses = []
         bar = tqdm(
             total=steps_per_epoch,
@@ -193,7 +229,7 @@ def fit(
             f"epoch {epoch}: loss {epoch_result.loss:.4f}"
             + "".join(f", {k} {v:.4f}" for k, v in metrics.items())
         )
-        if result.best is None or _better(epoch_result, result.best, task):
+        if result.best is None or better(epoch_result, result.best, task):
             result.best, result.best_state, stale = epoch_result, trainable_state(model), 0
         else:
             stale += 1
@@ -207,10 +243,16 @@ def fit(
             )
             break
     result.train_seconds = time.perf_counter() - began
+    if report_on is not None:
+        if result.best_state is not None:
+            restore(model, result.best_state)
+        result.reported = evaluate(model, report_on, task, device, config.batch_size)[1]
     return result
 
 
-def _better(candidate: EpochResult, best: EpochResult, task: TaskSpec) -> bool:
+def better(candidate: EpochResult, best: EpochResult, task: TaskSpec) -> bool:
+    """Whether an epoch beats the best so far: by the main metric on the selection data, by
+    the training loss where there is none."""
     if task.main_metric in candidate.metrics and task.main_metric in best.metrics:
         return candidate.metrics[task.main_metric] > best.metrics[task.main_metric]
     return candidate.loss < best.loss

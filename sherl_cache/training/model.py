@@ -7,6 +7,7 @@ the family names in ``lora_targets``); only what trains is saved in a run's chec
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,11 +24,26 @@ from .features import Batch
 from .fusion import FusionConfig, MTSAFusion
 
 
+class NoLateLayers(nn.Module):
+    """``--late-layers 0``: the head reads the fused states themselves (a probe).
+
+    The fusion's guide is then the backbone's last hidden state, which for families with a
+    final norm already has it applied, so nothing follows."""
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        return hidden
+
+
 class SherlModel(nn.Module):
     """MTSA fusion -> last k pre-trained layers -> pooled task head."""
 
     def __init__(
-        self, fusion: MTSAFusion, late: LateRoute, task: TaskSpec, pool: Pool, head_dropout: float
+        self,
+        fusion: MTSAFusion,
+        late: LateRoute | NoLateLayers,
+        task: TaskSpec,
+        pool: Pool,
+        head_dropout: float,
     ):
         super().__init__()
         self.fusion, self.late, self.pool = fusion, late, pool
@@ -55,10 +71,46 @@ class SherlModel(nn.Module):
         logits = self.head(pooled)
         return logits.squeeze(-1) if self.regression else logits
 
+    def predictions(self, outputs: Tensor) -> Tensor:
+        """What metrics and prediction files read from ``forward``'s outputs: the outputs
+        themselves here; the seq2seq model maps its class scores to a regression's number."""
+        return outputs
+
     def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
         if self.regression:
             return nn.functional.mse_loss(outputs, labels.float())
         return nn.functional.cross_entropy(outputs, labels.long())
+
+
+def with_family_defaults(config: TrainConfig, family: Family) -> TrainConfig:
+    """``config`` with the settings left to the family resolved (pool, fusion variant and
+    dropout), as a run records them: the run then reads the same whatever later versions
+    default to, and a sweep's resume compares like with like."""
+    return replace(
+        config,
+        pool=config.pool or family.default_pool,
+        fusion_variant=config.fusion_variant or family.default_fusion_variant,
+        fusion_dropout=(
+            family.default_fusion_dropout
+            if config.fusion_dropout is None
+            else config.fusion_dropout
+        ),
+    )
+
+
+def fusion_config(config: TrainConfig, family: Family, hidden_size: int, taps: int) -> FusionConfig:
+    """The fusion ``config`` asks for, the family's reference module where it names none; a
+    gated module initialised as the family's reference builds it (T5: N(0, 0.01))."""
+    variant = config.fusion_variant or family.default_fusion_variant
+    dropout = config.fusion_dropout
+    return FusionConfig(
+        hidden_size=hidden_size,
+        num_taps=taps,
+        reduction=config.reduction,
+        dropout=family.default_fusion_dropout if dropout is None else dropout,
+        variant=variant,  # type: ignore[arg-type]
+        init_std=family.gated_init_std if variant == "gated" else None,
+    )
 
 
 def build_model(
@@ -75,24 +127,23 @@ def build_model(
     a run be rebuilt for prediction from its config.json alone.
     """
     identity = backbone.manifest["model"] if isinstance(backbone, Cache) else backbone
-    torch.manual_seed(config.seed)
-    fusion = MTSAFusion(
-        FusionConfig(
-            hidden_size=int(identity["hidden_size"]),
-            num_taps=len(taps),
-            reduction=config.reduction,
-            dropout=config.fusion_dropout,
-            variant=config.fusion_variant,
-        )
-    )
+    if identity.get("route") == "seq2seq":  # the paper's T5 route (training/seq2seq.py)
+        from .seq2seq import build_seq2seq_model
+
+        seq2seq: Any = build_seq2seq_model(config, identity, task, taps, model_path)
+        return seq2seq
     family = get_family(identity["family"])
+    torch.manual_seed(config.seed)
+    fusion = MTSAFusion(fusion_config(config, family, int(identity["hidden_size"]), len(taps)))
     pool = config.pool or family.default_pool  # no pool given: the family's
     if family.causal and pool == "first":
         raise ConfigError(
             "--pool first reads the first token, which in a decoder-only model has seen "
             "nothing else; use --pool last (its default) or mean"
         )
-    late = build_late_route(model_path, config.late_layers)
+    late = (
+        build_late_route(model_path, config.late_layers) if config.late_layers else NoLateLayers()
+    )
     model = SherlModel(fusion, late, task, pool, config.head_dropout)
     model.late.requires_grad_(config.late_mode == "full")
     if config.late_mode == "lora":
@@ -123,4 +174,7 @@ def parameter_counts(model: SherlModel, model_path: str, family: Family) -> tupl
     added = sum(
         p.numel() for n, p in model.named_parameters() if not n.startswith("late.") or "lora_" in n
     )
-    return int(trainable), int(backbone_parameter_count(model_path, family) + added)
+    # The seq2seq route reads the whole checkpoint (decoder and LM head included).
+    whole = bool(getattr(model, "uses_whole_checkpoint", False))
+    backbone = backbone_parameter_count(model_path, family, whole=whole)
+    return int(trainable), int(backbone + added)

@@ -12,7 +12,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,12 @@ from ..errors import CacheMismatchError, ConfigError
 from ..runtime import resolve_device
 from ..store.cache import open_cache
 from .discovery import family_of_cache, find_cache, late_weights_path, task_of, task_record
-from .features import CachedFeatures
 from .loop import fit
 from .memory import MemoryMeter
-from .model import build_model, parameter_counts, trainable_state
+from .model import build_model, parameter_counts, trainable_state, with_family_defaults
 from .rundir import ADAPTER_NAME, RunDir, RunRecord
+from .selection import plan_selection, reported_metrics
+from .seq2seq import cached_source, is_seq2seq, seq2seq_taps
 from .taps import check_stored, resolve_taps
 from .tracking import check_tracker, open_tracker
 
@@ -50,14 +51,17 @@ def train(
     cache = open_cache(config.cache)
     task = task_of(cache, config.task)
     # Recorded resolved, so the run reads the same whatever later versions default to.
-    config = replace(config, pool=config.pool or family_of_cache(cache).default_pool)
+    config = with_family_defaults(config, family_of_cache(cache))
     num_layers = cache.num_layers
     if config.late_layers > num_layers:
         raise ConfigError(
-            f"--late-layers must be between 1 and {num_layers}, got {config.late_layers}"
+            f"--late-layers must be between 0 and {num_layers}, got {config.late_layers}"
         )
     split = num_layers - config.late_layers
-    taps = resolve_taps(config.tap, cache, config.late_layers)
+    if is_seq2seq(cache.manifest["model"]):  # the paper's T5 route: its own taps and checks
+        taps = seq2seq_taps(cache, config)
+    else:
+        taps = resolve_taps(config.tap, cache, config.late_layers)
     check_stored(cache, taps, split, task)
     for name in (config.train_split, config.eval_split):
         if name not in cache.splits:
@@ -78,14 +82,25 @@ def train(
     meter.start(device)
     model = build_model(config, cache, task, taps, model_path)
     budget = config.memory_budget_mb << 20
-    train_source = CachedFeatures(
+    train_source = cached_source(
         cache, config.train_split, taps, split, config.max_train_examples, budget
     )
     eval_source = (
-        CachedFeatures(cache, config.eval_split, taps, split, memory_budget=budget)
+        cached_source(cache, config.eval_split, taps, split, memory_budget=budget)
         if cache.labelled(config.eval_split)
         else None
     )
+    selection = None
+    if eval_source is not None:
+        selection = plan_selection(
+            config.selection,
+            config.train_split,
+            len(train_source),
+            config.eval_split,
+            len(eval_source),
+            config.selection_seed,
+        )
+        train_source, eval_source, report_source = selection.sources(train_source, eval_source)
     manifest = cache.manifest
     run_dir.write_record(
         RunRecord.resolved(
@@ -109,6 +124,7 @@ def train(
     report(
         f"training {task.name}: {len(train_source)} examples, taps {list(taps)}, "
         f"{config.late_layers} late layer(s) ({config.late_mode}), device {device}"
+        + (f"; {selection.sentence()}" if selection is not None else "")
     )
     tracker = open_tracker(config.report_to, run_dir.path)
     try:
@@ -119,6 +135,7 @@ def train(
             task,
             config,
             device,
+            report_on=report_source if selection is not None else None,
             progress=progress,
             report=report,
             tracker=tracker,
@@ -129,10 +146,13 @@ def train(
 
     run_dir.save_checkpoint(fitted.best_state or trainable_state(model), lora_config(model))
     trainable, total = parameter_counts(model, model_path, family_of_cache(cache))
+    best = fitted.best.to_dict() if fitted.best is not None else {}
     metrics = {
         "task": task.name,
         "main_metric": task.main_metric,
-        "best": fitted.best.to_dict() if fitted.best is not None else {},
+        **(selection.describe() if selection is not None else {"selected_on": None}),
+        "best": best,
+        "reported": reported_metrics(fitted, selection),
         "epochs": [e.to_dict() for e in fitted.epochs],
         "trainable_params": trainable,
         "total_params": total,

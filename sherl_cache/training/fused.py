@@ -42,11 +42,9 @@ import torch
 from .. import __version__
 from ..config.train import TrainConfig
 from ..data.tasks import TaskSpec
-from ..errors import CacheMismatchError, ConfigError, RunError
-from ..runtime import resolve_device
-from ..store.cache import open_cache
+from ..errors import ConfigError, RunError
 from .batching import train_batches
-from .discovery import family_of_cache, late_weights_path, task_of, task_record
+from .discovery import family_of_cache, task_record
 from .features import FeatureSource
 from .loop import (
     SCHEDULES,
@@ -68,11 +66,9 @@ from .model import (
     trainable_state,
     with_family_defaults,
 )
-from .recipe import TrainResult, lora_config
+from .recipe import TrainResult, lora_config, prepare, read_sources
 from .rundir import RunDir, RunRecord
-from .selection import plan_selection, reported_metrics
-from .seq2seq import cached_source, is_seq2seq, seq2seq_taps
-from .taps import check_stored, resolve_taps
+from .selection import reported_metrics
 from .tracking import NoTracker, Tracker, check_tracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -358,52 +354,13 @@ def train_fused(
     reports = list(reports) if reports is not None else [log.info] * len(configs)
     meter = MemoryMeter()
     first = configs[0]
-    cache = open_cache(first.cache)
-    task = task_of(cache, first.task)
-    num_layers = cache.num_layers
-    if first.late_layers > num_layers:
-        raise ConfigError(
-            f"--late-layers must be between 0 and {num_layers}, got {first.late_layers}"
-        )
-    split = num_layers - first.late_layers
-    if is_seq2seq(cache.manifest["model"]):  # the paper's T5 route: its own taps and checks
-        taps = seq2seq_taps(cache, first)
-    else:
-        taps = resolve_taps(first.tap, cache, first.late_layers)
-    check_stored(cache, taps, split, task)
-    for name in (first.train_split, first.eval_split):
-        if name not in cache.splits:
-            flag = "--train-split" if name == first.train_split else "--eval-split"
-            raise CacheMismatchError(
-                f"cache {cache.path} has no split {name!r} ({flag}); it has {cache.splits}"
-            )
-    if not cache.labelled(first.train_split):
-        raise CacheMismatchError(
-            f"split {first.train_split!r} of {cache.path} has no labels to train on"
-        )
-    device = resolve_device(first.device)
-    model_path = late_weights_path(cache, first.model)
+    prepared = prepare(first)
+    cache, task, taps, split = prepared.cache, prepared.task, prepared.taps, prepared.split
+    device, model_path = prepared.device, prepared.model_path
     meter.start(device)
-    budget = first.memory_budget_mb << 20
-    train_source: Any = cached_source(
-        cache, first.train_split, taps, split, first.max_train_examples, budget
-    )
-    eval_source: Any = (
-        cached_source(cache, first.eval_split, taps, split, memory_budget=budget)
-        if cache.labelled(first.eval_split)
-        else None
-    )
-    selection, report_source = None, None
-    if eval_source is not None:
-        selection = plan_selection(
-            first.selection,
-            first.train_split,
-            len(train_source),
-            first.eval_split,
-            len(eval_source),
-            first.selection_seed,
-        )
-        train_source, eval_source, report_source = selection.sources(train_source, eval_source)
+    sources = read_sources(first, prepared)
+    train_source, eval_source, report_source = sources.train, sources.select, sources.report
+    selection = sources.selection
     manifest = cache.manifest
     family = family_of_cache(cache)
 
@@ -466,7 +423,7 @@ def train_fused(
             eval_source,
             task,
             device,
-            report_on=report_source if selection is not None else None,
+            report_on=report_source,
         )
     finally:
         for _, member, _ in members:

@@ -18,15 +18,16 @@ from typing import Any
 
 from .. import __version__
 from ..config.train import TrainConfig
+from ..data.tasks import TaskSpec
 from ..errors import CacheMismatchError, ConfigError
 from ..runtime import resolve_device
-from ..store.cache import open_cache
+from ..store.cache import Cache, open_cache
 from .discovery import family_of_cache, find_cache, late_weights_path, task_of, task_record
 from .loop import fit
 from .memory import MemoryMeter
 from .model import build_model, parameter_counts, trainable_state, with_family_defaults
 from .rundir import ADAPTER_NAME, RunDir, RunRecord
-from .selection import plan_selection, reported_metrics
+from .selection import Selection, plan_selection, reported_metrics
 from .seq2seq import cached_source, is_seq2seq, seq2seq_taps
 from .taps import check_stored, resolve_taps
 from .tracking import check_tracker, open_tracker
@@ -43,15 +44,33 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def train(
-    config: TrainConfig, report: Callable[[str], None] = log.info, progress: bool = True
-) -> TrainResult:
-    """Run stage two from a cache into the run folder ``config.out``."""
-    meter = MemoryMeter()
+@dataclass
+class Prepared:
+    """What every run on one cache and split layout reads, checked before anything trains:
+    shared by a lone run (``train``) and a fused group (``training.fused``)."""
+
+    cache: Cache
+    task: TaskSpec
+    taps: tuple[int, ...]
+    split: int
+    device: Any
+    model_path: str
+
+
+@dataclass
+class Sources:
+    """Feature sources cut to the ``--select-on`` protocol (report is None under ``same``)."""
+
+    train: Any
+    select: Any
+    report: Any
+    selection: Selection | None
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Open the cache and check it holds what ``config`` trains on (taps, splits, labels)."""
     cache = open_cache(config.cache)
     task = task_of(cache, config.task)
-    # Recorded resolved, so the run reads the same whatever later versions default to.
-    config = with_family_defaults(config, family_of_cache(cache))
     num_layers = cache.num_layers
     if config.late_layers > num_layers:
         raise ConfigError(
@@ -73,34 +92,49 @@ def train(
         raise CacheMismatchError(
             f"split {config.train_split!r} of {cache.path} has no labels to train on"
         )
-    check_tracker(config.report_to)
-    run_dir = RunDir(config.out)
-    run_dir.prepare(config.overwrite)
     device = resolve_device(config.device)
-    model_path = late_weights_path(cache, config.model)
+    return Prepared(cache, task, taps, split, device, late_weights_path(cache, config.model))
 
-    meter.start(device)
-    model = build_model(config, cache, task, taps, model_path)
+
+def read_sources(config: TrainConfig, prepared: Prepared) -> Sources:
+    """The train, selection and report sources of a run (seeded by ``--selection-seed``)."""
+    cache, taps, split = prepared.cache, prepared.taps, prepared.split
     budget = config.memory_budget_mb << 20
     train_source = cached_source(
         cache, config.train_split, taps, split, config.max_train_examples, budget
     )
-    eval_source = (
-        cached_source(cache, config.eval_split, taps, split, memory_budget=budget)
-        if cache.labelled(config.eval_split)
-        else None
+    if not cache.labelled(config.eval_split):
+        return Sources(train_source, None, None, None)
+    eval_source = cached_source(cache, config.eval_split, taps, split, memory_budget=budget)
+    selection = plan_selection(
+        config.selection,
+        config.train_split,
+        len(train_source),
+        config.eval_split,
+        len(eval_source),
+        config.selection_seed,
     )
-    selection = None
-    if eval_source is not None:
-        selection = plan_selection(
-            config.selection,
-            config.train_split,
-            len(train_source),
-            config.eval_split,
-            len(eval_source),
-            config.selection_seed,
-        )
-        train_source, eval_source, report_source = selection.sources(train_source, eval_source)
+    return Sources(*selection.sources(train_source, eval_source), selection)
+
+
+def train(
+    config: TrainConfig, report: Callable[[str], None] = log.info, progress: bool = True
+) -> TrainResult:
+    """Run stage two from a cache into the run folder ``config.out``."""
+    meter = MemoryMeter()
+    prepared = prepare(config)
+    cache, task, taps, split = prepared.cache, prepared.task, prepared.taps, prepared.split
+    # Recorded resolved, so the run reads the same whatever later versions default to.
+    config = with_family_defaults(config, family_of_cache(cache))
+    check_tracker(config.report_to)
+    run_dir = RunDir(config.out)
+    run_dir.prepare(config.overwrite)
+    device, model_path = prepared.device, prepared.model_path
+
+    meter.start(device)
+    model = build_model(config, cache, task, taps, model_path)
+    sources = read_sources(config, prepared)
+    train_source, eval_source, selection = sources.train, sources.select, sources.selection
     manifest = cache.manifest
     run_dir.write_record(
         RunRecord.resolved(
@@ -135,7 +169,7 @@ def train(
             task,
             config,
             device,
-            report_on=report_source if selection is not None else None,
+            report_on=sources.report,
             progress=progress,
             report=report,
             tracker=tracker,

@@ -555,3 +555,25 @@ def test_estimate_counts_the_decoder_side(t5_full, glue_dir, s2s_cache):
         decoder = sum(cache.decoder_array(name, layer).nbytes for layer in layout.layers)
         encoder = split.tokens * estimate.bytes_per_token + split.rows * 16
         assert split.raw_bytes == encoder + decoder
+
+
+def test_fused_sweep_on_a_seq2seq_cache_equals_trials_run_alone(s2s_cache, tmp_path):
+    """Trials over the seq2seq route fuse like any other and score what they score alone."""
+    from sherl_cache.experiments.sweep import SweepConfig, run_sweep
+
+    def sweep(out, fuse):
+        config = SweepConfig(
+            cache=s2s_cache,
+            out=tmp_path / out,
+            grid={"lr": [1e-3, 3e-3]},
+            fixed={"epochs": 1, "batch_size": 8, "device": "cpu"},
+            fuse=fuse,
+        )
+        return run_sweep(config).rows
+
+    fused, alone = sweep("fused", True), sweep("alone", False)
+    assert [r["status"] for r in fused] == ["ok", "ok"]
+    run = tmp_path / "fused" / fused[0]["path"]
+    assert json.loads((run / "metrics.json").read_text())["fused_trials"] == 2
+    for a, b in zip(fused, alone, strict=True):
+        assert a["accuracy"] == b["accuracy"] and a["best_loss"] == b["best_loss"]

@@ -28,9 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shlex
-import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -39,12 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
 from ..config.train import TrainConfig
 from ..data.tasks import TaskSpec
 from ..errors import ConfigError, RunError
 from .batching import train_batches
-from .discovery import family_of_cache, task_record
+from .discovery import family_of_cache
 from .features import FeatureSource
 from .loop import (
     SCHEDULES,
@@ -62,13 +58,11 @@ from .memory import MemoryMeter
 from .model import (
     SherlModel,
     build_model,
-    parameter_counts,
     trainable_state,
     with_family_defaults,
 )
-from .recipe import TrainResult, lora_config, prepare, read_sources
-from .rundir import RunDir, RunRecord
-from .selection import reported_metrics
+from .recipe import TrainResult, finish_run, prepare, read_sources, run_record
+from .rundir import RunDir
 from .tracking import NoTracker, Tracker, check_tracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -355,13 +349,12 @@ def train_fused(
     meter = MemoryMeter()
     first = configs[0]
     prepared = prepare(first)
-    cache, task, taps, split = prepared.cache, prepared.task, prepared.taps, prepared.split
+    cache, task, taps = prepared.cache, prepared.task, prepared.taps
     device, model_path = prepared.device, prepared.model_path
     meter.start(device)
     sources = read_sources(first, prepared)
     train_source, eval_source, report_source = sources.train, sources.select, sources.report
     selection = sources.selection
-    manifest = cache.manifest
     family = family_of_cache(cache)
 
     outcomes: list[TrainResult | Exception | None] = [None] * len(configs)
@@ -385,26 +378,7 @@ def train_fused(
                 if frozen_late is None:
                     frozen_late = model.late
                 model.late = frozen_late
-            run_dir.write_record(
-                RunRecord.resolved(
-                    config,
-                    taps,
-                    split_index=split,
-                    cache_key=manifest["key"],
-                    model_id=manifest["model"]["model_id"],
-                    model_path=model_path,
-                    backbone=manifest["model"],
-                    tokenizer=manifest["tokenizer"],
-                    max_length=manifest["max_length"],
-                    truncation_side=manifest["truncation_side"],
-                    dtype=cache.dtype,
-                    task_spec=task_record(task),
-                    sherl_cache_version=__version__,
-                    command=shlex.join(sys.argv)
-                    if sys.argv and "sherl-cache" in sys.argv[0]
-                    else None,
-                )
-            )
+            run_dir.write_record(run_record(config, prepared))
             report(
                 f"training {task.name}: {len(train_source)} examples, taps {list(taps)}, "
                 f"{config.late_layers} late layer(s) ({config.late_mode}), device {device}, "
@@ -433,29 +407,14 @@ def train_fused(
         if isinstance(result, Exception):
             outcomes[index] = result
             continue
-        model = member.model
-        run_dir.save_checkpoint(result.best_state or trainable_state(model), lora_config(model))
-        trainable, total = parameter_counts(model, model_path, family)
-        best = result.best.to_dict() if result.best is not None else {}
-        metrics = {
-            "task": task.name,
-            "main_metric": task.main_metric,
-            **(selection.describe() if selection is not None else {"selected_on": None}),
-            "best": best,
-            "reported": reported_metrics(result, selection),
-            "epochs": [e.to_dict() for e in result.epochs],
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_percent": round(100 * trainable / total, 4),
-            "peak_memory_bytes": int(peak),
-            "memory_measure": measure,
-            "step_seconds_median": statistics.median(result.step_seconds),
-            "train_seconds": result.train_seconds,
-            "steps": len(result.step_seconds),
-            "stopped_early": result.stopped_early,
-            "device": str(device),
-            "fused_trials": len(members),
-        }
-        run_dir.write_metrics(metrics)
+        metrics = finish_run(
+            run_dir,
+            member.model,
+            result,
+            prepared,
+            selection,
+            (peak, measure),
+            fused_trials=len(members),
+        )
         outcomes[index] = TrainResult(member.config.out, metrics)
     return [o if o is not None else RunError("trial did not run") for o in outcomes]

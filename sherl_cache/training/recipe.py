@@ -23,7 +23,7 @@ from ..errors import CacheMismatchError, ConfigError
 from ..runtime import resolve_device
 from ..store.cache import Cache, open_cache
 from .discovery import family_of_cache, find_cache, late_weights_path, task_of, task_record
-from .loop import fit
+from .loop import FitResult, fit
 from .memory import MemoryMeter
 from .model import build_model, parameter_counts, trainable_state, with_family_defaults
 from .rundir import ADAPTER_NAME, RunDir, RunRecord
@@ -123,7 +123,7 @@ def train(
     """Run stage two from a cache into the run folder ``config.out``."""
     meter = MemoryMeter()
     prepared = prepare(config)
-    cache, task, taps, split = prepared.cache, prepared.task, prepared.taps, prepared.split
+    cache, task, taps = prepared.cache, prepared.task, prepared.taps
     # Recorded resolved, so the run reads the same whatever later versions default to.
     config = with_family_defaults(config, family_of_cache(cache))
     check_tracker(config.report_to)
@@ -135,26 +135,7 @@ def train(
     model = build_model(config, cache, task, taps, model_path)
     sources = read_sources(config, prepared)
     train_source, eval_source, selection = sources.train, sources.select, sources.selection
-    manifest = cache.manifest
-    run_dir.write_record(
-        RunRecord.resolved(
-            config,
-            taps,
-            split_index=split,
-            cache_key=manifest["key"],
-            model_id=manifest["model"]["model_id"],
-            model_path=model_path,
-            # What prediction without the cache needs to compute the same features.
-            backbone=manifest["model"],
-            tokenizer=manifest["tokenizer"],
-            max_length=manifest["max_length"],
-            truncation_side=manifest["truncation_side"],
-            dtype=cache.dtype,
-            task_spec=task_record(task),
-            sherl_cache_version=__version__,
-            command=shlex.join(sys.argv) if sys.argv and "sherl-cache" in sys.argv[0] else None,
-        )
-    )
+    run_dir.write_record(run_record(config, prepared))
     report(
         f"training {task.name}: {len(train_source)} examples, taps {list(taps)}, "
         f"{config.late_layers} late layer(s) ({config.late_mode}), device {device}"
@@ -178,29 +159,67 @@ def train(
         tracker.close()
     peak, measure = meter.peak()
 
+    metrics = finish_run(run_dir, model, fitted, prepared, selection, (peak, measure))
+    return TrainResult(config.out, metrics)
+
+
+def run_record(config: TrainConfig, prepared: Prepared) -> RunRecord:
+    """The run's record, with what prediction without the cache needs to compute the same
+    features (backbone, tokenizer, lengths, dtype)."""
+    cache, manifest = prepared.cache, prepared.cache.manifest
+    return RunRecord.resolved(
+        config,
+        prepared.taps,
+        split_index=prepared.split,
+        cache_key=manifest["key"],
+        model_id=manifest["model"]["model_id"],
+        model_path=prepared.model_path,
+        backbone=manifest["model"],
+        tokenizer=manifest["tokenizer"],
+        max_length=manifest["max_length"],
+        truncation_side=manifest["truncation_side"],
+        dtype=cache.dtype,
+        task_spec=task_record(prepared.task),
+        sherl_cache_version=__version__,
+        command=shlex.join(sys.argv) if sys.argv and "sherl-cache" in sys.argv[0] else None,
+    )
+
+
+def finish_run(
+    run_dir: RunDir,
+    model: Any,
+    fitted: FitResult,
+    prepared: Prepared,
+    selection: Selection | None,
+    peak: tuple[int, str],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Save the chosen epoch's weights and write metrics.json (last: it marks the run
+    complete); returns the metrics."""
     run_dir.save_checkpoint(fitted.best_state or trainable_state(model), lora_config(model))
-    trainable, total = parameter_counts(model, model_path, family_of_cache(cache))
-    best = fitted.best.to_dict() if fitted.best is not None else {}
+    trainable, total = parameter_counts(model, prepared.model_path, family_of_cache(prepared.cache))
+    task = prepared.task
     metrics = {
         "task": task.name,
         "main_metric": task.main_metric,
         **(selection.describe() if selection is not None else {"selected_on": None}),
-        "best": best,
+        "best": fitted.best.to_dict() if fitted.best is not None else {},
         "reported": reported_metrics(fitted, selection),
         "epochs": [e.to_dict() for e in fitted.epochs],
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": round(100 * trainable / total, 4),
-        "peak_memory_bytes": int(peak),
-        "memory_measure": measure,
+        "peak_memory_bytes": int(peak[0]),
+        "memory_measure": peak[1],
         "step_seconds_median": statistics.median(fitted.step_seconds),
         "train_seconds": fitted.train_seconds,
         "steps": len(fitted.step_seconds),
         "stopped_early": fitted.stopped_early,
-        "device": str(device),
+        "device": str(prepared.device),
+        **extra,
     }
     run_dir.write_metrics(metrics)
-    return TrainResult(config.out, metrics)
+    return metrics
 
 
 def lora_config(model: Any) -> Any:

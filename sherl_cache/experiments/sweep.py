@@ -44,10 +44,8 @@ from ..errors import ConfigError, RunError
 from ..store.cache import Cache, open_cache
 from ..training.discovery import family_of_cache, task_of
 from ..training.model import with_family_defaults
-from ..training.recipe import train
+from ..training.recipe import run_taps, train
 from ..training.rundir import CONFIG_FILE, RunDir
-from ..training.seq2seq import is_seq2seq, seq2seq_taps
-from ..training.taps import resolve_taps
 from .results import (
     RESULTS_FILE,
     SPEC_FILE,
@@ -477,14 +475,10 @@ def _partition(trials: Sequence[Trial], cache: Cache) -> tuple[list[Trial], list
             )
         taps = None
         with contextlib.suppress(ConfigError):
-            taps = (
-                list(seq2seq_taps(cache, trial.config))
-                if is_seq2seq(cache.manifest["model"])
-                else list(resolve_taps(trial.config.tap, cache, trial.config.late_layers))
-            )
-        wanted = with_family_defaults(trial.config, family)
+            taps = list(run_taps(trial.config, cache))
+        resolved = with_family_defaults(trial.config, family)
         pairs = {
-            f.name: (getattr(record.config, f.name), getattr(wanted, f.name))
+            f.name: (getattr(record.config, f.name), getattr(resolved, f.name))
             for f in fields(TrainConfig)
             if f.name not in _UNCOMPARED
         }

@@ -67,6 +67,13 @@ class Sources:
     selection: Selection | None
 
 
+def run_taps(config: TrainConfig, cache: Cache) -> tuple[int, ...]:
+    """The taps ``config`` reads from ``cache``; the paper's T5 route has its own and checks."""
+    if is_seq2seq(cache.manifest["model"]):
+        return seq2seq_taps(cache, config)
+    return resolve_taps(config.tap, cache, config.late_layers)
+
+
 def prepare(config: TrainConfig) -> Prepared:
     """Open the cache and check it holds what ``config`` trains on (taps, splits, labels)."""
     cache = open_cache(config.cache)
@@ -77,10 +84,7 @@ def prepare(config: TrainConfig) -> Prepared:
             f"--late-layers must be between 0 and {num_layers}, got {config.late_layers}"
         )
     split = num_layers - config.late_layers
-    if is_seq2seq(cache.manifest["model"]):  # the paper's T5 route: its own taps and checks
-        taps = seq2seq_taps(cache, config)
-    else:
-        taps = resolve_taps(config.tap, cache, config.late_layers)
+    taps = run_taps(config, cache)
     check_stored(cache, taps, split, task)
     for name in (config.train_split, config.eval_split):
         if name not in cache.splits:

@@ -6,14 +6,24 @@ FFN 11008, vocab 32000) but only ``--layers`` layers (all 32 do not fit this mac
 exactly ``--max-length`` tokens with the library, then measures, each variant in a fresh
 process (``train_memory.py``'s ``run_variant``, so the process-wide peak belongs to it):
 
-- ``frozen``: stage two, k = 1 frozen late layer, every cached state tapped;
+- ``frozen``: stage two, k = 1 frozen late layer, every cached state tapped, float32;
 - ``lora``: the same with LoRA on the late layer;
 - ``frozen-half-taps``: k = 1 frozen with half the taps, to fit how the peak grows per tap;
+- ``frozen-bf16``, ``lora-bf16``, ``frozen-half-taps-bf16``: the same with
+  ``--precision bf16`` (the late route under bf16 autocast, its frozen linears stored in
+  bfloat16: LoRA's base layers too, its adapters stay float32);
+- ``frozen-decoded``, ``frozen-half-taps-decoded``: float32 with the taps decoded to float32
+  on read, as before the storage-dtype lever (``CachedFeatures(keep_storage_dtype=False)``);
 - ``online``: the same SHERL model with the frozen backbone in the loop.
+
+Every row says which memory levers it has (``levers``): ``storage-dtype taps`` (bfloat16 taps
+reach the fusion's first matmul undecoded and are saved for backward so: half the bytes per
+tap) and ``bf16 late route``.
 
 Stage two holds the late layer, the fusion and the activations of one batch; of the depth it
 sees only the number of taps. The peak for a 32-layer model (17 default taps at k = 1) is
-therefore extrapolated linearly from the two tap counts measured here, and labelled so.
+therefore extrapolated linearly from the two tap counts measured here, per precision, and
+labelled so.
 
     python benchmarks/llm_memory.py [--layers 8] [--examples 16] [--batch-size 8]
 """
@@ -108,8 +118,90 @@ def data_files(folder: Path, examples: int) -> Path:
     return path
 
 
-def variant_plan(base: dict[str, Any], late_mode: str, tap: str) -> dict[str, Any]:
-    return base | {"late_mode": late_mode, "tap": tap}
+# name -> (late mode, taps: all or half, --precision, taps kept in their storage dtype)
+VARIANTS: dict[str, tuple[str, str, str, bool]] = {
+    "frozen": ("frozen", "all", "float32", True),
+    "lora": ("lora", "all", "float32", True),
+    "frozen-half-taps": ("frozen", "half", "float32", True),
+    "frozen-bf16": ("frozen", "all", "bf16", True),
+    "lora-bf16": ("lora", "all", "bf16", True),
+    "frozen-half-taps-bf16": ("frozen", "half", "bf16", True),
+    "frozen-decoded": ("frozen", "all", "float32", False),
+    "frozen-half-taps-decoded": ("frozen", "half", "float32", False),
+    "online": ("frozen", "all", "float32", True),
+}
+# extrapolation -> (all taps, half taps, LoRA at all taps): rows fitted alike
+FITS = {
+    "float32": ("frozen", "frozen-half-taps", "lora"),
+    "bf16": ("frozen-bf16", "frozen-half-taps-bf16", "lora-bf16"),
+    "float32, taps decoded (no lever)": ("frozen-decoded", "frozen-half-taps-decoded", None),
+}
+
+
+def variant_plan(base: dict[str, Any], name: str, taps: dict[str, str]) -> dict[str, Any]:
+    late_mode, which, precision, keep = VARIANTS[name]
+    return base | {
+        "late_mode": late_mode,
+        "tap": taps[which],
+        "precision": precision,
+        "keep_storage_dtype": keep,
+    }
+
+
+def levers(name: str) -> list[str]:
+    """The memory levers a variant has (the online one reads no cache)."""
+    _, _, precision, keep = VARIANTS[name]
+    have = ["storage-dtype taps"] if keep and name != "online" else []
+    return have + (["bf16 late route"] if precision == "bf16" else [])
+
+
+def run_child(kind: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """``train_memory``'s variant with this plan's ``precision`` and tap dtype."""
+    import dataclasses
+    import functools
+
+    try:
+        import train_memory
+    except ImportError:  # imported as benchmarks.llm_memory
+        from benchmarks import train_memory
+    from sherl_cache.training.features import CachedFeatures
+
+    base_config = train_memory.train_config
+    train_memory.train_config = lambda p: dataclasses.replace(
+        base_config(p), precision=p["precision"]
+    )
+    train_memory.CachedFeatures = functools.partial(  # type: ignore[assignment]
+        CachedFeatures, keep_storage_dtype=plan["keep_storage_dtype"]
+    )
+    return train_memory.run_variant(kind, plan)
+
+
+def extrapolate(runs: dict[str, dict[str, Any]], taps: int) -> dict[str, Any]:
+    """Peaks at ``taps`` taps, linear in the taps, from each precision's two tap counts."""
+    fitted: dict[str, Any] = {}
+    for label, (whole, half, lora) in FITS.items():
+        if whole not in runs or half not in runs:
+            continue
+        a, b = runs[whole], runs[half]
+        per_tap = (a["peak_bytes"] - b["peak_bytes"]) / max(1, a["taps"] - b["taps"])
+        fit: dict[str, Any] = {
+            "from": [whole, half],
+            "levers": levers(whole),
+            "per_tap_MiB": round(per_tap / 2**20, 1),
+            "frozen_k1_peak_GiB": round(
+                (a["peak_bytes"] + per_tap * (taps - a["taps"])) / 2**30, 2
+            ),
+        }
+        if lora in runs:
+            c = runs[lora]
+            fit["lora_k1_peak_GiB"] = round(
+                (c["peak_bytes"] + per_tap * (taps - c["taps"])) / 2**30, 2
+            )
+        fit["meets_target"] = all(
+            fit[k] <= TARGET_GIB for k in ("frozen_k1_peak_GiB", "lora_k1_peak_GiB") if k in fit
+        )
+        fitted[label] = fit
+    return fitted
 
 
 def main() -> None:
@@ -120,9 +212,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--variants", default="frozen,lora,frozen-half-taps,online")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
+    parser.add_argument("--child", choices=("cached", "online"), help=argparse.SUPPRESS)
+    parser.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.child:  # one variant in this fresh process, JSON on stdout
+        print(json.dumps(run_child(args.child, json.loads(args.plan.read_text()))))
+        return
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
 
     from sherl_cache.config.extract import ExtractConfig
     from sherl_cache.extraction.extract import extract
@@ -162,12 +263,8 @@ def main() -> None:
             "steps": args.steps,
             "device": args.device,
         }
-        plans = {
-            "frozen": variant_plan(base, "frozen", all_taps),
-            "lora": variant_plan(base, "lora", all_taps),
-            "frozen-half-taps": variant_plan(base, "frozen", half_taps),
-            "online": variant_plan(base, "frozen", all_taps),
-        }
+        tap_sets = {"all": all_taps, "half": half_taps}
+        plans = {name: variant_plan(base, name, tap_sets) for name in VARIANTS}
         runs: dict[str, dict[str, Any]] = {}
         here = Path(__file__).parent
         for name in args.variants.split(","):
@@ -178,8 +275,8 @@ def main() -> None:
             child = subprocess.run(
                 [
                     sys.executable,
-                    str(here / "train_memory.py"),
-                    "--variant",
+                    str(here / "llm_memory.py"),
+                    "--child",
                     kind,
                     "--plan",
                     str(plan_file),
@@ -190,6 +287,8 @@ def main() -> None:
             )
             runs[name] = summarise(json.loads(child.stdout.strip().splitlines()[-1]))
             runs[name]["taps"] = len(plans[name]["tap"].split(","))
+            runs[name]["precision"] = plans[name]["precision"]
+            runs[name]["levers"] = levers(name)
             log(f"variant {name}: peak {runs[name]['peak_MiB']} MiB")
         out: dict[str, Any] = {
             "benchmark": "llm_memory",
@@ -213,16 +312,14 @@ def main() -> None:
             "machine": host,
             "variants": runs,
         }
-        if "frozen" in runs and "frozen-half-taps" in runs:
-            a, b = runs["frozen"], runs["frozen-half-taps"]
-            per_tap = (a["peak_bytes"] - b["peak_bytes"]) / max(1, a["taps"] - b["taps"])
-            taps_32 = 17  # the default taps at k = 1 for 32 layers (every second + two)
-            extrapolated = a["peak_bytes"] + per_tap * (taps_32 - a["taps"])
+        taps_32 = 17  # the default taps at k = 1 for 32 layers (every second + two)
+        fits = extrapolate(runs, taps_32)
+        if fits:
             out["extrapolated_32_layers"] = {
                 "measured": False,
-                "how": "linear in the number of taps, from the frozen and half-taps variants",
-                "per_tap_MiB": round(per_tap / 2**20, 1),
-                "frozen_k1_peak_GiB": round(extrapolated / 2**30, 2),
+                "how": f"linear in the number of taps ({taps_32} at 32 layers), per precision, "
+                "from the all-taps and half-taps variants; LoRA with the frozen slope",
+                **fits,
                 "target_GiB": TARGET_GIB,
                 "qlora_4bit_7b_published_GB": QLORA_7B_GB,
             }

@@ -56,6 +56,7 @@ def configs(cache: str, *, dropout: float, batching: str = "random", seed: int =
         replace(base, lr=1e-2, reduction=4),
         replace(base, lr=3e-4, warmup_ratio=0.0, lr_scheduler="cosine", max_grad_norm=0.5),
         replace(base, late_mode="lora", epochs=2),
+        replace(base, fusion_init="residual", weight_decay=0.1),
     ]
 
 
@@ -131,7 +132,8 @@ def test_only_trials_reading_the_same_batches_are_grouped(bert_cache):
     group = configs(bert_cache, dropout=0.1)
     other_seed = replace(group[0], seed=1)
     other_batch = replace(group[0], batch_size=4)
-    assert groups([*group, other_seed, other_batch]) == [[0, 1, 2, 3], [4], [5]]
+    n = len(group)
+    assert groups([*group, other_seed, other_batch]) == [list(range(n)), [n], [n + 1]]
 
 
 def test_unfusable_trials_are_refused(bert_cache, setup):

@@ -201,6 +201,22 @@ def test_gradient_reaches_gate_projections_and_scorer(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", FUSION_VARIANTS)
+def test_residual_init_starts_as_the_pretrained_network_and_learns(variant: str) -> None:
+    fusion = MTSAFusion(FusionConfig(hidden_size=D, num_taps=3, variant=variant, init="residual"))
+    fusion.train()  # dropout on: a zero branch stays zero
+    taps, last = make_taps(3), torch.randn(B, T, D)
+    out = fusion(taps, last)
+    assert torch.equal(out, last)
+    readout = torch.randn(B, T, D, generator=torch.Generator().manual_seed(3))
+    (out * readout).sum().backward()
+    # The zeroed last scale learns first; the rest of the branch follows once it is non-zero.
+    last_scale = fusion.out_norm if variant == "linear" else fusion.out_proj
+    assert last_scale.weight.grad.abs().sum() > 0
+    torch.optim.SGD(fusion.parameters(), lr=0.1).step()
+    assert not torch.equal(fusion(taps, last), last)
+
+
+@pytest.mark.parametrize("variant", FUSION_VARIANTS)
 def test_single_tap_uses_guide_alone(variant: str) -> None:
     fusion = make_fusion(1, variant)
     (guide,), last = make_taps(1), torch.randn(B, T, D)
@@ -302,6 +318,7 @@ def test_parameter_count_for_t5_large_shape() -> None:
         ({"dropout": float("nan")}, "--fusion-dropout"),
         ({"dropout": "0.1"}, "--fusion-dropout"),
         ({"variant": "lstm"}, "--fusion-variant"),
+        ({"init": "zeros"}, "--fusion-init"),
         ({"hidden_size": 0}, "hidden_size"),
         ({"gate_temperature": 0.0}, "gate_temperature"),
     ],

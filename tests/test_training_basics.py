@@ -202,9 +202,9 @@ def test_bad_training_settings_name_their_flag(tmp_path):
         TrainConfig(cache="c", out=tmp_path, tap="first")
 
 
-def test_late_route_autocasts_bf16_only_on_cuda():
+def test_late_route_autocasts_bf16_on_cuda_or_when_asked():
     cpu = torch.device("cpu")
-    assert not late_bf16("auto", cpu) and not late_bf16("bf16", cpu)
+    assert not late_bf16("auto", cpu) and late_bf16("bf16", cpu)
     assert not late_bf16("float32", torch.device("cuda"))
 
 

@@ -26,6 +26,8 @@ from .settings import (
 
 FusionVariant = Literal["linear", "gated"]
 FUSION_VARIANTS: tuple[str, ...] = get_args(FusionVariant)
+FusionInit = Literal["reference", "residual"]
+FUSION_INITS: tuple[str, ...] = get_args(FusionInit)
 LateMode = Literal["frozen", "full", "lora"]
 Pool = Literal["mean", "first", "last"]
 Schedule = Literal["linear", "cosine", "constant"]
@@ -118,6 +120,13 @@ class TrainConfig:
         help="Dropout inside the fusion (default: the family's reference: 0 for T5, 0.1 "
         "otherwise).",
         bound=FRACTION,
+        panel=FUSION,
+    )
+    fusion_init: FusionInit = setting(
+        "reference",
+        help="Fusion start: reference (gate closed, the late layers first see the fused "
+        "branch alone) or residual (gate open, fused branch zero: training starts from the "
+        "pre-trained model).",
         panel=FUSION,
     )
     head_dropout: float = setting(
@@ -217,8 +226,9 @@ class TrainConfig:
     )
     precision: Precision = setting(
         "auto",
-        help="Late route: bf16 autocast on CUDA (auto: where the GPU supports bf16); "
-        "float32 on the CPU.",
+        help="Late route: bf16 runs it under bf16 autocast on any device, its frozen linears "
+        "(and LoRA's base layers) stored in bfloat16, trained weights float32; auto: bf16 on "
+        "CUDA GPUs that support it, float32 on the CPU; float32: never bf16.",
         panel=RUN,
     )
     report_to: ReportTo = setting(

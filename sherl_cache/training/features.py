@@ -25,8 +25,9 @@ from .discovery import family_of_cache
 
 @dataclass
 class Batch:
-    taps: list[Tensor]  # each (B, T, d) float32
-    last: Tensor  # (B, T, d): the frozen input of the first late layer
+    # each (B, T, d): float32, or a float16/bfloat16 cache's own dtype (``CachedFeatures``)
+    taps: list[Tensor]
+    last: Tensor  # (B, T, d), as the taps: the frozen input of the first late layer
     mask: Tensor  # (B, T) 1/0
     labels: Tensor | None
 
@@ -48,6 +49,10 @@ class CachedFeatures:
     consecutive examples that each fit; an epoch visits the windows in random order and the
     examples of each window in random order (a block shuffle), so only one window is held at a
     time and reads stay sequential. Host memory thus stays bounded whatever the data size.
+
+    A float16/bfloat16 cache's states are delivered in that dtype (``keep_storage_dtype``):
+    every value is exact in float32, and the fusion computes in float32 from them without
+    keeping a float32 copy (``storage_linear``). Float32 and lossy caches give float32.
     """
 
     def __init__(
@@ -58,9 +63,11 @@ class CachedFeatures:
         last: int,
         limit: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        keep_storage_dtype: bool = True,
     ):
         self.taps, self.last = list(taps), last
         self.dtype = cache.dtype
+        self.keep_storage_dtype = keep_storage_dtype
         offsets = cache.offsets(split)
         count = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
         self.offsets = offsets[: count + 1]
@@ -131,10 +138,14 @@ class CachedFeatures:
         def states(layer: int) -> Tensor:
             # Decoded once per batch (the split layer is often a tap too), from the stored
             # dtype; padding is zeroed in that dtype (all-zero bits decode to 0 in every
-            # storage dtype), so no float32 copy is made beyond the one returned.
+            # storage dtype), so no float32 copy is made beyond the one returned, and none
+            # at all for float16/bfloat16 kept in their dtype.
             if layer not in decoded:
                 rows = read(self._held[layer], self._arrays[layer])
                 rows[padding] = 0
+                if self.keep_storage_dtype and self.dtype in HALF_STORAGE:
+                    decoded[layer] = half_tensor(rows, self.dtype).to(device)
+                    return decoded[layer]
                 held_scales = self._held_scales[layer]
                 scales = None if held_scales is None else read(held_scales, self._scales[layer])
                 decoded[layer] = torch.from_numpy(from_storage(rows, self.dtype, scales)).to(device)
@@ -146,6 +157,17 @@ class CachedFeatures:
             mask=torch.from_numpy(mask.astype(np.int64)).to(device),
             labels=_labels(self.labels, indices, device),
         )
+
+
+HALF_STORAGE = ("float16", "bfloat16")
+
+
+def half_tensor(rows: np.ndarray, dtype: str) -> Tensor:
+    """Stored float16/bfloat16 ``rows`` as a torch tensor of that dtype, sharing their memory
+    (bfloat16 is stored as its raw bits in uint16)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(rows)
 
 
 def _windows(offsets: np.ndarray, max_tokens: int) -> list[tuple[int, int]]:

@@ -87,6 +87,7 @@ PER_TRIAL = frozenset(
         "reduction",
         "fusion_variant",
         "fusion_dropout",
+        "fusion_init",
         "head_dropout",
         "pool",
         "late_mode",

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config.train import FUSION_VARIANTS, FusionVariant
+from ..config.train import FUSION_INITS, FUSION_VARIANTS, FusionInit, FusionVariant
 from ..errors import ConfigError
+from .storage_linear import first_linear
 
 __all__ = [
     "FUSION_VARIANTS",
@@ -97,6 +98,11 @@ class FusionConfig:
     init_std: float | None = None
     """Initialise every linear N(0, init_std) with zero bias, as the T5 reference does (0.01);
     None keeps torch's default initialisation (the BERT reference's)."""
+    init: FusionInit = "reference"
+    """Where training starts (``--fusion-init``). ``reference``: the gate is closed, so the
+    late layers first see a fresh random projection of the taps. ``residual``: the gate is
+    open and the fused branch's last scale is zero, so the model starts as the pre-trained
+    network (the frozen input passes through unchanged) and the fusion learns a correction."""
 
     def __post_init__(self) -> None:
         _check_int(self.hidden_size, "hidden_size (from the backbone config)", 1)
@@ -116,6 +122,10 @@ class FusionConfig:
         _check_number(self.gate_temperature, "gate_temperature", "> 0", lambda v: v > 0.0)
         if self.init_std is not None:
             _check_number(self.init_std, "init_std", "> 0", lambda v: v > 0.0)
+        if self.init not in FUSION_INITS:
+            raise ConfigError(
+                f"--fusion-init must be one of {', '.join(FUSION_INITS)}, got {self.init!r}"
+            )
 
     @property
     def bottleneck_size(self) -> int:
@@ -138,7 +148,7 @@ class LinearProjection(nn.Module):
         self.norm = nn.LayerNorm(bottleneck_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.linear(x))
+        return self.norm(first_linear(self.linear, x))
 
 
 class GatedProjection(nn.Module):
@@ -152,7 +162,7 @@ class GatedProjection(nn.Module):
         self.fc3 = nn.Linear(bottleneck_size, bottleneck_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.fc1(x))
+        x = torch.relu(first_linear(self.fc1, x))
         return (self.fc2(x) + x) * torch.sigmoid(self.fc3(x))
 
 
@@ -203,6 +213,22 @@ class MTSAFusion(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
                     nn.init.zeros_(module.bias)
+        if config.init == "residual":
+            self._start_residual()
+
+    # tanh(10) rounds to 1 in float32: an open gate passes the frozen input exactly.
+    _OPEN_GATE_LOGIT = 10.0
+
+    def _start_residual(self) -> None:
+        """Open the gate and zero the fused branch's last scale, so the first forward pass
+        returns ``last_feature`` itself. The zeroed scale still receives gradient (the branch
+        before it is not zero), so the branch grows from nothing instead of starting as noise
+        of the same size as the pre-trained features."""
+        with torch.no_grad():
+            self.gate.fill_(self._OPEN_GATE_LOGIT * self.config.gate_temperature)
+            last_scale = self.out_norm if isinstance(self.out_norm, nn.LayerNorm) else self.out_proj
+            nn.init.zeros_(last_scale.weight)
+            nn.init.zeros_(last_scale.bias)
 
     def gate_value(self) -> Tensor:
         """The current weight of ``last_feature`` in the result, tanh(g / T)."""
@@ -217,7 +243,9 @@ class MTSAFusion(nn.Module):
         """Fuse ``taps`` (shallow to deep, each (B, T, d)) into a (B, T, d) tensor.
 
         ``last_feature`` is the frozen input of the first late layer; ``attention_mask`` (B, T)
-        marks real tokens with 1 and only affects padded positions.
+        marks real tokens with 1 and only affects padded positions. Taps and ``last_feature``
+        may be float32 or a cache's float16/bfloat16: the maths is float32 either way (each
+        tap's first linear keeps it in its storage dtype for backward: ``storage_linear``).
         """
         batch_shape = self._check_taps(taps, attention_mask)
         if tuple(last_feature.shape) != (*batch_shape, self.config.hidden_size):

@@ -80,15 +80,50 @@ SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_
 
 
 def late_bf16(precision: str, device: torch.device) -> bool:
-    """Whether the late route runs under bf16 autocast (``--precision``): CUDA only."""
+    """Whether the late route runs under bf16 autocast (``--precision``): ``bf16`` on any
+    device; ``auto`` on CUDA where the GPU supports bf16 (the CPU stays float32 unless asked:
+    its bf16 kernels are slower than float32 on many CPUs)."""
+    if precision == "bf16":
+        return True
     if precision == "float32" or device.type != "cuda":
         return False
-    return precision == "bf16" or torch.cuda.is_bf16_supported()
+    return torch.cuda.is_bf16_supported()
+
+
+def store_frozen_bf16(route: nn.Module) -> int:
+    """Keep the frozen ``nn.Linear`` weights (and biases) of ``route`` in bfloat16; returns
+    how many layers were cast.
+
+    Under bf16 autocast a linear computes with its weight rounded to bfloat16 anyway, so a
+    weight that never trains can be stored that way once: the same results (autocast's
+    rounding is the same round-to-nearest-even as the cast), half its memory, and no bf16
+    copy of it made in each forward pass and kept for backward. Frozen layers are those whose
+    weight does not require grad: every linear in ``--late-mode frozen``, PEFT's base layers
+    under LoRA (its adapters train and stay float32). Trained weights (``full``) keep float32
+    master weights for AdamW; norms and other modules are left alone.
+    """
+    cast = 0
+    for module in route.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            if module.bias is not None and module.bias.requires_grad:
+                continue  # a trained bias: keep the layer float32 throughout
+            if module.weight.dtype != torch.bfloat16:
+                module.to(torch.bfloat16)
+                cast += 1
+    return cast
 
 
 def place(model: SherlModel, device: torch.device, precision: str) -> SherlModel:
-    """Move the model to ``device`` with the late route's precision set for it."""
+    """Move the model to ``device`` with the late route's precision set for it.
+
+    A model being trained (some parameter requires grad) under bf16 also stores its late
+    route's frozen linears in bfloat16 (``store_frozen_bf16``). A model with nothing to train
+    (a loaded run) keeps its weights as they are: ``save_pretrained`` writes them back.
+    """
     model.late_bf16 = late_bf16(precision, device)
+    training = any(p.requires_grad for p in model.parameters())
+    if model.late_bf16 and training:
+        store_frozen_bf16(model.late)
     return model.to(device)
 
 

@@ -110,6 +110,7 @@ def fusion_config(config: TrainConfig, family: Family, hidden_size: int, taps: i
         dropout=family.default_fusion_dropout if dropout is None else dropout,
         variant=variant,  # type: ignore[arg-type]
         init_std=family.gated_init_std if variant == "gated" else None,
+        init=config.fusion_init,
     )
 
 

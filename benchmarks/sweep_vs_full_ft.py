@@ -227,6 +227,7 @@ def sweep(model_dir: Path, data: Path, work: Path, args) -> dict[str, Any]:
         # processes share the cores, though spinning thread pools inflate it under load
         "cpu_seconds": cpu_seconds,
         "flop_bound": flop_bound(extracted.path, args),
+        "profile": profile_group(extracted.path, work, args) if args.profile else None,
         "grid": values,
         "fixed": fixed,
         "fused": not args.no_fuse,
@@ -234,6 +235,31 @@ def sweep(model_dir: Path, data: Path, work: Path, args) -> dict[str, Any]:
         "selection": {k: metrics.get(k) for k in ("protocol", "selected_on", "reported_on")},
         "reported_indices": _reported_indices(metrics, args),
     }
+
+
+def profile_group(cache_path: str, work: Path, args) -> list[dict[str, Any]]:
+    """Where a fused group's time goes: one epoch of two fused trials on 500 examples under
+    ``torch.profiler``, the operators with the most self CPU time and their share of it."""
+    from sherl_cache.experiments.sweep import SweepConfig, run_sweep
+
+    fixed: dict[str, Any] = {"epochs": 1, "device": "cpu", "batching": args.batching}
+    fixed |= {"max_train_examples": 500}
+    fixed |= {"batch_size": args.batch_size} if args.batch_size else {}
+    config = SweepConfig(
+        cache=cache_path, out=work / "profile", grid={"lr": [1e-3, 3e-3]}, fixed=fixed
+    )
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run_sweep(config, report=lambda _: None)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [
+        {
+            "op": e.key,
+            "self_cpu_seconds": round(e.self_cpu_time_total / 1e6, 3),
+            "share": round(e.self_cpu_time_total / total, 3),
+        }
+        for e in events[:15]
+    ]
 
 
 def layer_macs(tokens: np.ndarray, hidden: int, ffn: int) -> float:
@@ -339,6 +365,9 @@ def main() -> None:
     parser.add_argument("--ft-batch-size", type=int, default=32)
     parser.add_argument("--ft-lr", type=float, default=5e-5)
     parser.add_argument("--ft-seed", type=int, default=0)
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile a short fused group (after timing)"
+    )
     parser.add_argument("--skip-ft", action="store_true", help="sweep only (no ratio)")
     parser.add_argument("--max-train-examples", type=int, default=None, help="first N rows")
     parser.add_argument("--eval-rows", type=int, default=10_000, help="first N dev rows")

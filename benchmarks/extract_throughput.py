@@ -19,11 +19,17 @@ Ratios (tokens/s of extraction over tokens/s of the bare pass, tokens = real tok
   run, immune to load changing between runs (on a busy shared machine the side-by-side ratio
   can swing by tens of percent; this one barely moves).
 
+``--codec-pipeline zarrs`` runs the extraction through the Rust pipeline of the ``zarrs``
+package (``--zarrs-threads``, default 1: the only count whose bytes do not depend on thread
+timing) instead of zarr-python's: a measurement only, since caches written so are not ones
+``verify`` accepts in general (``sherl_cache/store/pipeline.py``); the bare pass is unchanged.
+
 Also reported: bytes written, compression ratio, and the encode MB/s (one thread) of the
 cache's own codec chain (``cache.compressors()``, as evolved for the stored dtype) on the
 chunks just written.
 
     python benchmarks/extract_throughput.py [--rows 1000 | --all] [--models minilm,t5-small]
+        [--codec-pipeline zarr|zarrs [--zarrs-threads N]]
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from sherl_cache.extraction.inputs import load_dataset, tokenize_split, unit_bat
 from sherl_cache.families import get_family
 from sherl_cache.layers import parse_layer_spec
 from sherl_cache.store.cache import Geometry, open_cache
+from sherl_cache.store.pipeline import PIPELINES, codec_pipeline
 
 TARGET = 0.90
 
@@ -257,6 +264,7 @@ def bench_model(name: str, model_dir: Path, data: Path, work: Path, args) -> dic
         device="cpu",
     )
     plan = prebuilt_batches(ExtractConfig(**base))
+    threads = None if args.zarrs_threads == 0 else args.zarrs_threads
     info, tokens = plan["info"], plan["tokens"]
     log(
         f"{name}: {tokens} tokens ({plan['padded_tokens']} padded) in {len(plan['batches'])} "
@@ -271,7 +279,8 @@ def bench_model(name: str, model_dir: Path, data: Path, work: Path, args) -> dic
             bare.append(bare_pass(model, plan["batches"]))
             log(f"{name} bare #{repeat + 1}: {bare[-1]:.2f} s, {tokens / bare[-1]:.0f} tok/s")
             cache = work / f"{name}-cache-{repeat}"
-            run = extraction(ExtractConfig(**base, cache=str(cache)), probe)
+            with codec_pipeline(args.codec_pipeline, threads=threads, allow_unsafe=True):
+                run = extraction(ExtractConfig(**base, cache=str(cache)), probe)
             runs.append(run)
             log(
                 f"{name} extract #{repeat + 1}: {run['seconds']:.2f} s "
@@ -295,6 +304,8 @@ def bench_model(name: str, model_dir: Path, data: Path, work: Path, args) -> dic
         "layers_stored": list(plan["layers"]),
         "dtype": plan["dtype"],
         "compute_dtype": "float32",
+        "codec_pipeline": args.codec_pipeline,
+        "zarrs_threads": args.zarrs_threads if args.codec_pipeline == "zarrs" else None,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "rows": result.rows,
@@ -353,6 +364,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--layers", default="all")
+    parser.add_argument(
+        "--codec-pipeline",
+        choices=PIPELINES,
+        default="zarr",
+        help="zarr-python's codec pipeline (default) or the zarrs package's Rust one",
+    )
+    parser.add_argument(
+        "--zarrs-threads", type=int, default=1, help="threads of the zarrs pipeline (0: all cores)"
+    )
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
     args = parser.parse_args()
 
@@ -382,6 +402,7 @@ def main() -> None:
             "data": data_note,
             "machine": host,
             "repeats": args.repeats,
+            "codec_pipeline": args.codec_pipeline,
             "results": results,
             "all_meet_target": all(r["meets_target"] for r in results),
             "median_ratio": statistics.median(r["ratio"] for r in results) if results else None,

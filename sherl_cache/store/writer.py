@@ -43,6 +43,7 @@ from .cache import (
     scale_name,
     writable,
 )
+from .pipeline import check_write_pipeline
 
 # Test hooks for the crash tests (tests/test_reliability.py); unset in normal use.
 KILL_AT_ENV = "SHERL_CACHE_TEST_KILL_AT"  # SIGKILL this process at the named point
@@ -182,6 +183,7 @@ def open_or_create(
     existing = _existing(path, manifest)
     if isinstance(existing, Cache) and existing.complete:
         return OpenedStore(path, manifest, None, Geometry.of(existing.manifest), False, existing)
+    check_write_pipeline()  # zarr-python's codec pipeline only (store/pipeline.py)
     if isinstance(existing, Cache) and not _has_all_arrays(existing, manifest, splits):
         existing = _TORN  # format 1 once wrote the manifest before the arrays: redo
     if isinstance(existing, Cache):
@@ -355,6 +357,7 @@ class UnitWriter:
         depth: int = 2,
         opened: dict[str, dict[str, Any]] | None = None,
     ):
+        check_write_pipeline()  # also in dask workers, which open no store
         self._root = root
         self._layers = layers
         self._queue: queue.Queue[Unit | None] = queue.Queue(maxsize=depth)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..backbone.hub import backbone_parameter_count
 from ..backbone.late import build_late_route
-from ..config.train import Pool, TrainConfig
+from ..config.train import Pool, TrainConfig, default_fusion_init
 from ..data.tasks import Problem, TaskSpec
 from ..errors import ConfigError
 from ..families import Family, LateRoute, get_family
@@ -90,6 +90,7 @@ def with_family_defaults(config: TrainConfig, family: Family) -> TrainConfig:
         config,
         pool=config.pool or family.default_pool,
         fusion_variant=config.fusion_variant or family.default_fusion_variant,
+        fusion_init=config.fusion_init or default_fusion_init(config.late_mode),
         fusion_dropout=(
             family.default_fusion_dropout
             if config.fusion_dropout is None
@@ -110,7 +111,7 @@ def fusion_config(config: TrainConfig, family: Family, hidden_size: int, taps: i
         dropout=family.default_fusion_dropout if dropout is None else dropout,
         variant=variant,  # type: ignore[arg-type]
         init_std=family.gated_init_std if variant == "gated" else None,
-        init=config.fusion_init,
+        init=config.fusion_init or default_fusion_init(config.late_mode),
     )
 
 

@@ -11,10 +11,10 @@ import torch
 from sherl_cache.config.train import TrainConfig
 from sherl_cache.errors import ConfigError
 from sherl_cache.store.cache import open_cache
-from sherl_cache.training.discovery import task_of
+from sherl_cache.training.discovery import family_of_cache, late_weights_path, task_of
 from sherl_cache.training.features import CachedFeatures
 from sherl_cache.training.loop import fit, late_bf16
-from sherl_cache.training.model import build_model
+from sherl_cache.training.model import build_model, with_family_defaults
 from sherl_cache.training.recipe import train
 from sherl_cache.training.tracking import TensorBoard, check_tracker
 
@@ -230,3 +230,30 @@ def test_late_route_runs_in_bf16_on_cuda(cache, tiny_models, tmp_path):
         precision="float32",
     )
     assert set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    ("late_mode", "given", "expected"),
+    [
+        ("frozen", None, "reference"),
+        ("lora", None, "residual"),
+        ("full", None, "residual"),
+        ("full", "reference", "reference"),
+        ("frozen", "residual", "residual"),
+    ],
+)
+def test_fusion_start_defaults_by_late_mode_and_is_recorded(
+    bert_cache, tmp_path, late_mode, given, expected
+):
+    """Tuned late layers start from the pre-trained network unless told otherwise; the run
+    records the start it took, and the built fusion has it (an open gate, a zero branch)."""
+    config = TrainConfig(
+        cache=bert_cache, out=tmp_path, late_mode=late_mode, fusion_init=given, device="cpu"
+    )
+    cache = open_cache(bert_cache)
+    resolved = with_family_defaults(config, family_of_cache(cache))
+    assert resolved.fusion_init == expected
+    taps = list(range(cache.num_layers))
+    model = build_model(config, cache, task_of(cache, None), taps, late_weights_path(cache, None))
+    assert model.fusion.config.init == expected
+    assert (model.fusion.gate_value().item() == 1.0) == (expected == "residual")

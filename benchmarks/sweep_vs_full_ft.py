@@ -269,6 +269,21 @@ def layer_macs(tokens: np.ndarray, hidden: int, ffn: int) -> float:
     return float(sum(b * w * (per_token + 2 * w * hidden) for b, w in tokens))
 
 
+def epoch_batches(lengths: np.ndarray, batch_size: int, mode: str) -> list[np.ndarray]:
+    """One seeded epoch of training batches over examples of these lengths, as fit() cuts
+    them (``training.batching``)."""
+    from sherl_cache.training.batching import train_batches
+
+    class Lengths:
+        def __len__(self) -> int:
+            return len(lengths)
+
+        def lengths(self) -> np.ndarray:
+            return lengths
+
+    return train_batches(Lengths(), batch_size, torch.Generator().manual_seed(0), mode)
+
+
 def flop_bound(cache_path: str, args) -> dict[str, Any]:
     """The least the sweep can cost against the full fine-tune, in layer multiply-adds.
 
@@ -280,22 +295,14 @@ def flop_bound(cache_path: str, args) -> dict[str, Any]:
     this bounds the ratio from below: no engineering of the sweep gets under it.
     """
     from sherl_cache.store.cache import open_cache
-    from sherl_cache.training.batching import train_batches
 
     cache = open_cache(cache_path)
     lengths = np.diff(cache.offsets("train"))
+    # MiniLM's (BERT's) FFN is 4d; the cache records only d
     layers, hidden, ffn = cache.num_layers, cache.hidden_size, 4 * cache.hidden_size
 
-    class Lengths:
-        def __len__(self) -> int:
-            return len(lengths)
-
-        def lengths(self) -> np.ndarray:
-            return lengths
-
     def shapes(batch_size: int, mode: str) -> list[tuple[int, int]]:
-        batches = train_batches(Lengths(), batch_size, torch.Generator().manual_seed(0), mode)
-        return [(len(b), int(lengths[b].max())) for b in batches]
+        return [(len(b), int(lengths[b].max())) for b in epoch_batches(lengths, batch_size, mode)]
 
     ft = args.ft_epochs * layers * 3 * layer_macs(shapes(args.ft_batch_size, "random"), hidden, ffn)
     trial = 2 * layer_macs(shapes(args.batch_size or 100, args.batching), hidden, ffn)
@@ -314,20 +321,11 @@ def flop_bound(cache_path: str, args) -> dict[str, Any]:
 def padding_shares(cache_path: str, batch_size: int) -> dict[str, float]:
     """Share of padded tokens in one epoch of training batches, random vs bucketed."""
     from sherl_cache.store.cache import open_cache
-    from sherl_cache.training.batching import train_batches
 
     lengths = np.diff(open_cache(cache_path).offsets("train"))
-
-    class Lengths:
-        def __len__(self) -> int:
-            return len(lengths)
-
-        def lengths(self) -> np.ndarray:
-            return lengths
-
     shares = {}
     for mode in ("random", "bucketed"):
-        batches = train_batches(Lengths(), batch_size, torch.Generator().manual_seed(0), mode)
+        batches = epoch_batches(lengths, batch_size, mode)
         padded = sum(len(b) * int(lengths[b].max()) for b in batches)
         shares[mode] = round(1 - int(lengths.sum()) / padded, 3)
     return shares

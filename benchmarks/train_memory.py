@@ -196,12 +196,7 @@ def full_finetune(plan, cache, config: TrainConfig, device, meter: MemoryMeter) 
             break
         t0 = time.perf_counter()
         rows = permutation[start : start + config.batch_size]
-        width = max(len(ids[i]) for i in rows)
-        batch = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for row, i in enumerate(rows):
-            batch[row, : len(ids[i])] = torch.from_numpy(ids[i].astype(np.int64))
-            mask[row, : len(ids[i])] = 1
+        batch, mask = padded(ids, rows)
         target = torch.from_numpy(labels[rows]).long().to(device)
         loss = nn.functional.cross_entropy(model(batch.to(device), mask.to(device)), target)
         optimizer.zero_grad(set_to_none=True)
@@ -221,6 +216,17 @@ def full_finetune(plan, cache, config: TrainConfig, device, meter: MemoryMeter) 
         "trainable_params": sum(p.numel() for p in model.parameters()),
         "frozen_params_in_memory": 0,
     }
+
+
+def padded(ids: list[np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of ``rows`` right-padded with 0 to their longest, and the attention mask."""
+    width = max(len(ids[i]) for i in rows)
+    batch = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, i in enumerate(rows):
+        batch[row, : len(ids[i])] = torch.from_numpy(ids[i].astype(np.int64))
+        mask[row, : len(ids[i])] = 1
+    return batch, mask
 
 
 def full_finetune_seq2seq(
@@ -246,12 +252,7 @@ def full_finetune_seq2seq(
             break
         t0 = time.perf_counter()
         rows = permutation[start : start + config.batch_size]
-        width = max(len(ids[i]) for i in rows)
-        batch = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for row, i in enumerate(rows):
-            batch[row, : len(ids[i])] = torch.from_numpy(ids[i].astype(np.int64))
-            mask[row, : len(ids[i])] = 1
+        batch, mask = padded(ids, rows)
         gold = [targets[int(labels[i])] for i in rows]
         target = torch.full((len(rows), max(map(len, gold))), -100, dtype=torch.long)
         for row, words in enumerate(gold):

@@ -71,7 +71,7 @@ def run_one(route: str, seed: int, args, cache: str, folder: Path) -> dict[str, 
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"TQDM_DISABLE": "1"}
+    env = os.environ | {"TQDM_DISABLE": "1"} | allocator_env(args)
     if route == "full-ft":
         command = [
             sys.executable,
@@ -104,6 +104,17 @@ def run_one(route: str, seed: int, args, cache: str, folder: Path) -> dict[str, 
     metrics = json.loads(metrics_file.read_text())
     log(f"{route} seed {seed}: {metrics['reported']} in {seconds:.0f} s")
     return metrics
+
+
+def allocator_env(args) -> dict[str, str]:
+    """glibc's fixed mmap threshold for every run, the fine-tune included (``--malloc-mmap-
+    threshold``). By default glibc raises the threshold after freeing a large block, so later
+    tensors of up to 32 MiB come from heap arenas that fragment: peak RSS then measures the
+    allocator's high-water mark more than the tensors a run holds (measured: full fine-tuning
+    1.83 GiB by default, 1.12 GiB with a fixed 128 KiB threshold, same results)."""
+    if args.malloc_mmap_threshold is None:
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)}
 
 
 def write_spec(work: Path, cache: str, trials: list[tuple[str, int]]) -> None:
@@ -174,6 +185,12 @@ def main() -> None:
         "--extra", default="", help='train flags for every cached route ("--fusion-init residual")'
     )
     parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="bytes; glibc's fixed mmap threshold in every run (default: glibc's dynamic one)",
+    )
+    parser.add_argument(
         "--summarise", action="store_true", help="only summarise the runs already complete"
     )
     args = parser.parse_args()
@@ -234,6 +251,8 @@ def main() -> None:
         "machine": host,
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "planned": {"routes": routes, "seeds": seeds},
+        "extra": args.extra,
+        "allocator": allocator_env(args) or "glibc defaults",
         "rows": rows,
     }
     print(json.dumps(out, indent=1))

@@ -350,6 +350,8 @@ def test_train_refuses_what_the_route_lacks(s2s_cache, tmp_path):
         train(train_config(s2s_cache, tmp_path / "b", late_mode="lora"), progress=False)
     with pytest.raises(CacheMismatchError, match="--tap"):
         train(train_config(s2s_cache, tmp_path / "c", tap="0,1,4"), progress=False)
+    with pytest.raises(ConfigError, match="--tap-dropout is built for encoder-route caches"):
+        train(train_config(s2s_cache, tmp_path / "d", tap_dropout=0.1), progress=False)
 
 
 def test_route_refusals(tiny_models, glue_dir, tmp_path):

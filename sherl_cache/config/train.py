@@ -139,6 +139,13 @@ class TrainConfig:
         "layers train (--late-mode full or lora), reference when they are frozen.",
         panel=FUSION,
     )
+    tap_dropout: float = setting(
+        0.0,
+        help="Dropout on the cached states the fusion and late layers read, in training only: "
+        "the noise the frozen layers' own dropout would add if they ran in train mode.",
+        bound=FRACTION,
+        panel=FUSION,
+    )
     head_dropout: float = setting(
         0.1, help="Dropout before the classification head.", bound=FRACTION, panel=FUSION
     )

@@ -89,6 +89,7 @@ PER_TRIAL = frozenset(
         "fusion_dropout",
         "fusion_init",
         "head_dropout",
+        "tap_dropout",
         "pool",
         "late_mode",
         "lora_rank",

@@ -44,19 +44,22 @@ class SherlModel(nn.Module):
         task: TaskSpec,
         pool: Pool,
         head_dropout: float,
+        tap_dropout: float = 0.0,
     ):
         super().__init__()
         self.fusion, self.late, self.pool = fusion, late, pool
         hidden = fusion.config.hidden_size
         outputs = 1 if task.problem == Problem.REGRESSION else task.num_labels
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(hidden, outputs))
+        self.tap_dropout = tap_dropout
         self.regression = task.problem == Problem.REGRESSION
         # The late route holds most of the compute; bf16 autocast there (CUDA) halves its
         # activations. Set by whoever places the model (``training.loop.place``).
         self.late_bf16 = False
 
     def forward(self, batch: Batch) -> Tensor:
-        fused = self.fusion(batch.taps, batch.last, batch.mask)
+        taps, last = self._perturbed(batch)
+        fused = self.fusion(taps, last, batch.mask)
         with torch.autocast(fused.device.type, dtype=torch.bfloat16, enabled=self.late_bf16):
             states = self.late(fused, batch.mask)
         states = states.float()
@@ -70,6 +73,21 @@ class SherlModel(nn.Module):
             pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         logits = self.head(pooled)
         return logits.squeeze(-1) if self.regression else logits
+
+    def _perturbed(self, batch: Batch) -> tuple[list[Tensor], Tensor]:
+        """The batch's states with ``--tap-dropout`` applied (training only). A state read
+        twice (the split layer is usually a tap too) gets one mask, as online it would be one
+        tensor."""
+        if not (self.training and self.tap_dropout):
+            return batch.taps, batch.last
+        dropped: dict[int, Tensor] = {}
+
+        def drop(state: Tensor) -> Tensor:
+            if id(state) not in dropped:
+                dropped[id(state)] = nn.functional.dropout(state, self.tap_dropout)
+            return dropped[id(state)]
+
+        return [drop(t) for t in batch.taps], drop(batch.last)
 
     def predictions(self, outputs: Tensor) -> Tensor:
         """What metrics and prediction files read from ``forward``'s outputs: the outputs
@@ -146,7 +164,7 @@ def build_model(
     late = (
         build_late_route(model_path, config.late_layers) if config.late_layers else NoLateLayers()
     )
-    model = SherlModel(fusion, late, task, pool, config.head_dropout)
+    model = SherlModel(fusion, late, task, pool, config.head_dropout, config.tap_dropout)
     model.late.requires_grad_(config.late_mode == "full")
     if config.late_mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model

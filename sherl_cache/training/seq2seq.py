@@ -349,6 +349,11 @@ def build_seq2seq_model(
     default the family's reference module (T5: gated, N(0, 0.01), no dropout inside)."""
     if task.text_to_text is None:
         raise ConfigError(f"task {task.name} has no text-to-text format for the seq2seq route")
+    if config.tap_dropout:
+        raise ConfigError(
+            "--tap-dropout is built for encoder-route caches only (extract --route encoder); "
+            "leave it at 0 on a seq2seq cache"
+        )
     family = get_family(identity["family"])
     hf_config = load_config(Path(model_path), model_path)
     decoder = identity["decoder"]

@@ -81,6 +81,7 @@ def run_one(route: str, seed: int, args, cache: str, folder: Path) -> dict[str, 
             "--seed", str(seed),
             "--epochs", str(args.epochs),
             "--out", str(folder / "result.json"),
+            *(["--bf16"] if "bf16" in args.extra.split() else []),
         ]  # fmt: skip
     else:
         command = [
@@ -182,7 +183,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed-major", action="store_true", help="every route per seed first")
     parser.add_argument(
-        "--extra", default="", help='train flags for every cached route ("--fusion-init residual")'
+        "--extra",
+        default="",
+        help='train flags for every cached route ("--fusion-init residual"); with '
+        '"--precision bf16" the fine-tune runs under bf16 autocast too',
     )
     parser.add_argument(
         "--malloc-mmap-threshold",

@@ -140,9 +140,9 @@ def trial_id(route: str, seed: int) -> str:
 
 def held_cache_bytes(folder: Path) -> int:
     """Bytes of cached states a run holds in host RAM: every state it reads (taps and the
-    split layer) of the train and validation splits, in the stored dtype (each split fits the
-    default --memory-budget-mb, so it is read once and kept). On a GPU they stay on the host;
-    the full fine-tune holds only token ids."""
+    split layer) of the train and validation splits, in the stored dtype, each split up to its
+    --memory-budget-mb window. On a GPU they stay on the host; the full fine-tune holds only
+    token ids."""
     config_file = folder / "sherl_config.json"
     if not config_file.is_file():
         return 0
@@ -152,8 +152,11 @@ def held_cache_bytes(folder: Path) -> int:
     config = json.loads(config_file.read_text())
     cache = open_cache(config["cache"])
     states = len({*config["tap"], config["split_index"]})
-    tokens = sum(int(cache.offsets(split)[-1]) for split in ("train", "validation"))
-    return tokens * states * cache.hidden_size * STORAGE_DTYPES[cache.dtype].itemsize
+    per_token = states * cache.hidden_size * STORAGE_DTYPES[cache.dtype].itemsize
+    budget = config["memory_budget_mb"] * 2**20
+    return sum(
+        min(int(cache.offsets(split)[-1]) * per_token, budget) for split in ("train", "validation")
+    )
 
 
 def summarise(route: str, runs: list[dict[str, Any]]) -> dict[str, Any]:

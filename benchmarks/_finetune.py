@@ -32,6 +32,7 @@ def finetune(
     select_on: str = "auto",
     selection_seed: int = 42,
     bf16: bool = False,
+    checkpointing: bool = False,
 ) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
@@ -77,6 +78,8 @@ def finetune(
     meter.start(torch.device("cpu"))
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    if checkpointing:  # as the cached routes' --late-checkpointing: every layer recomputed
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     steps = math.ceil(len(train_set[0]) / batch_size) * epochs
     schedule = get_scheduler(
@@ -131,7 +134,8 @@ def finetune(
     return {
         "seed": seed,
         "recipe": f"AdamW lr {lr}, batch {batch_size}, {epochs} epochs, warm-up {warmup_ratio}"
-        + (", bf16 autocast" if bf16 else ""),
+        + (", bf16 autocast" if bf16 else "")
+        + (", activation checkpointing" if checkpointing else ""),
         **selection.describe(),
         "best": best,
         "reported": {"epoch": best["epoch"], **reported},
@@ -153,6 +157,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast forward")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     result = finetune(
@@ -163,6 +168,7 @@ def main() -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         bf16=args.bf16,
+        checkpointing=args.checkpointing,
     )
     args.out.write_text(json.dumps(result, indent=1))
 

@@ -82,6 +82,7 @@ def run_one(route: str, seed: int, args, cache: str, folder: Path) -> dict[str, 
             "--epochs", str(args.epochs),
             "--out", str(folder / "result.json"),
             *(["--bf16"] if "bf16" in args.extra.split() else []),
+            *(["--checkpointing"] if "--late-checkpointing" in args.extra.split() else []),
         ]  # fmt: skip
     else:
         command = [
@@ -189,7 +190,8 @@ def main() -> None:
         "--extra",
         default="",
         help='train flags for every cached route ("--fusion-init residual"); with '
-        '"--precision bf16" the fine-tune runs under bf16 autocast too',
+        '"--precision bf16" the fine-tune runs under bf16 autocast too, with '
+        '"--late-checkpointing" with activation checkpointing',
     )
     parser.add_argument(
         "--malloc-mmap-threshold",

@@ -115,6 +115,13 @@ class TrainConfig:
         bound=POSITIVE_NUMBER,
         panel=LATE,
     )
+    late_checkpointing: bool = setting(
+        False,
+        help="Recompute each late layer's activations in the backward pass instead of keeping "
+        "them (activation checkpointing): less memory for about one more forward of the late "
+        "route per step; results unchanged.",
+        panel=LATE,
+    )
     lora_rank: int = setting(8, help="LoRA rank (--late-mode lora).", bound=POSITIVE, panel=LATE)
     lora_alpha: float = setting(16.0, help="LoRA scaling alpha (--late-mode lora).", panel=LATE)
     reduction: int = setting(8, help="Fusion width d/r.", bound=at_least(1), panel=FUSION)

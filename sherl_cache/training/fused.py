@@ -92,6 +92,7 @@ PER_TRIAL = frozenset(
         "tap_dropout",
         "pool",
         "late_mode",
+        "late_checkpointing",
         "lora_rank",
         "lora_alpha",
         "report_to",

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..backbone.hub import backbone_parameter_count
 from ..backbone.late import build_late_route
@@ -180,7 +182,27 @@ def build_model(
         inject_adapter_in_model(lora, model.late)
         for name, param in model.late.named_parameters():
             param.requires_grad_("lora_" in name)
+    if config.late_checkpointing:
+        checkpoint_layers(model.late)
     return model
+
+
+def checkpoint_layers(route: nn.Module) -> int:
+    """Turn on transformers' own activation checkpointing in every layer of ``route`` that
+    offers it (``GradientCheckpointingLayer``: every family's layers); returns how many.
+
+    A checkpointed layer keeps only its inputs and recomputes the rest in the backward pass,
+    with the forward's RNG state, so dropout masks, losses and gradients are unchanged.
+    Non-reentrant checkpointing, so inputs may be keyword arguments and the frozen layers'
+    input gradient still reaches the fusion.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in route.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+    return len(layers)
 
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:

@@ -39,7 +39,7 @@ from ..runtime import STORAGE_DTYPES, from_storage, round_to_storage
 from ..store.cache import Cache
 from .features import CachedFeatures
 from .fusion import MTSAFusion
-from .model import fusion_config
+from .model import checkpoint_layers, fusion_config
 
 __all__ = [
     "Seq2SeqBatch",
@@ -366,6 +366,8 @@ def build_seq2seq_model(
     encoder_fusion = fusion(len(taps))
     decoder_fusion = fusion(len(decoder["taps"]))
     late = build_seq2seq_route(model_path).requires_grad_(False)
+    if config.late_checkpointing:
+        checkpoint_layers(late)
     return Seq2SeqSherlModel(
         encoder_fusion,
         decoder_fusion,

@@ -122,7 +122,7 @@ def test_last_pooling_reads_the_last_real_token():
     torch.nn.Module.__init__(model)
     model.fusion = lambda taps, last, m: last
     model.late = lambda hidden, m: hidden
-    model.pool, model.regression, model.late_bf16 = "last", False, False
+    model.pool, model.regression, model.late_bf16, model.tap_dropout = "last", False, False, 0.0
     model.head = torch.nn.Identity()
     pooled = model(Batch(taps=[states], last=states, mask=mask, labels=None))
     torch.testing.assert_close(pooled, torch.stack([states[0, 3], states[1, 1]]))

@@ -38,6 +38,14 @@ def main() -> None:
     parser.add_argument("--accuracy", type=Path, nargs="+", required=True)
     parser.add_argument("--memory", type=Path, default=None)
     parser.add_argument("--routes", default=None, help="comma-separated routes to draw")
+    parser.add_argument(
+        "--also",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("ACCURACY", "MEMORY"),
+        help="another study's rows and its memory pass, drawn labelled with its --extra flags",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -64,6 +72,28 @@ def main() -> None:
             textcoords="offset points",
         )
         points.append({"route": route, "GiB": round(mem, 3), "accuracy": row["accuracy_mean"]})
+    for accuracy_file, memory_file in args.also:
+        flags = json.loads(Path(accuracy_file).read_text()).get("extra", "")
+        memory_rows = rows_by_route([Path(memory_file)])
+        for route, row in rows_by_route([Path(accuracy_file)]).items():
+            mem = memory_rows[route]["peak_memory_MiB"] / 1024
+            label = f"{route} {flags} (n={row['seeds']})"
+            ax.errorbar(
+                mem,
+                row["accuracy_mean"],
+                yerr=row["accuracy_std"] or 0.0,
+                marker="s",
+                capsize=3,
+                color="tab:green",
+            )
+            ax.annotate(
+                label,
+                (mem, row["accuracy_mean"]),
+                fontsize=7,
+                xytext=(4, -9),
+                textcoords="offset points",
+            )
+            points.append({"route": label, "GiB": round(mem, 3), "accuracy": row["accuracy_mean"]})
     anchor = next((p for p in points if p["route"] == "full-ft"), None)
     if anchor is not None:
         ax.axvline(anchor["GiB"] / 2, ls="--", color="grey", lw=1)

@@ -267,21 +267,40 @@ def glue_dir(tmp_path_factory) -> Path:
     return write_glue_mrpc(tmp_path_factory.mktemp("glue"))
 
 
+def tiny_extract_config(model_dir, glue_dir: Path, cache_root: Path, **overrides):
+    """A CPU extraction of MRPC with a tiny model: float32 and the default states unless
+    ``overrides`` (any ``ExtractConfig`` field) say otherwise."""
+    from sherl_cache.config.extract import ExtractConfig
+
+    values = {
+        "model": str(model_dir),
+        "task": "mrpc",
+        "data_dir": glue_dir,
+        "cache_root": cache_root,
+        "dtype": "float32",
+        "device": "cpu",
+    }
+    return ExtractConfig(**(values | overrides))
+
+
+def stored_files(path: str | Path) -> dict[str, bytes]:
+    """Every stored file of a cache but the root ``zarr.json`` (the manifest holds its times):
+    the encoded shards and array metadata."""
+    root = Path(path)
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p != root / "zarr.json"
+    }
+
+
 @pytest.fixture(scope="session")
 def bert_cache(tmp_path_factory, tiny_models, glue_dir) -> str:
     """A float32 MRPC cache of the tiny BERT (train and validation), shared read-only."""
-    from sherl_cache.config.extract import ExtractConfig
     from sherl_cache.extraction.extract import extract
 
-    config = ExtractConfig(
-        model=str(tiny_models["bert"]),
-        task="mrpc",
-        data_dir=glue_dir,
-        cache_root=tmp_path_factory.mktemp("bert-cache"),
-        dtype="float32",
-        device="cpu",
-    )
-    return extract(config, progress=False).path
+    root = tmp_path_factory.mktemp("bert-cache")
+    return extract(tiny_extract_config(tiny_models["bert"], glue_dir, root), progress=False).path
 
 
 @pytest.fixture(scope="session")

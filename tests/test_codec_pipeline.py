@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import stored_files, tiny_extract_config
 
 from sherl_cache import open_cache
-from sherl_cache.config.extract import ExtractConfig
 from sherl_cache.errors import ConfigError
 from sherl_cache.extraction.extract import extract
 from sherl_cache.store.cache import compressors
@@ -35,26 +35,9 @@ needs_zarrs = pytest.mark.skipif(
 )
 
 
-def bert_config(cache_root: Path, tiny_models, glue_dir, dtype: str = "float32") -> ExtractConfig:
+def bert_config(cache_root: Path, tiny_models, glue_dir, dtype: str = "float32"):
     """The ``bert_cache`` fixture's extraction (default geometry: one chunk per split)."""
-    return ExtractConfig(
-        model=str(tiny_models["bert"]),
-        task="mrpc",
-        data_dir=glue_dir,
-        cache_root=cache_root,
-        dtype=dtype,
-        device="cpu",
-    )
-
-
-def stored_files(path: str) -> dict[str, bytes]:
-    """Every file of a cache but the root ``zarr.json`` (the manifest holds its times)."""
-    root = Path(path)
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p != root / "zarr.json"
-    }
+    return tiny_extract_config(tiny_models["bert"], glue_dir, cache_root, dtype=dtype)
 
 
 def all_arrays(path: str) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import stored_files
 
 from sherl_cache import open_cache
 from sherl_cache.errors import ConfigError
@@ -105,16 +106,6 @@ def array_bytes(path: str) -> dict[str, bytes]:
         for name, array in group.arrays():
             out[f"{split}/{name}"] = array[...].tobytes()
     return out
-
-
-def stored_files(path: str) -> dict[str, bytes]:
-    """Every stored file but the root manifest: the encoded shards and array metadata."""
-    root = Path(path)
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p != root / "zarr.json"
-    }
 
 
 def assert_identical(path: str, reference: str) -> None:

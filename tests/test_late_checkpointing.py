@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, tiny_extract_config
 
-from sherl_cache.config.extract import ExtractConfig
 from sherl_cache.config.train import TrainConfig
+from sherl_cache.errors import ConfigError
 from sherl_cache.extraction.extract import extract
 from sherl_cache.store.cache import open_cache
 from sherl_cache.training.discovery import task_of
@@ -25,15 +25,7 @@ def caches(tmp_path_factory, tiny_models, glue_dir) -> dict[str, str]:
     root = tmp_path_factory.mktemp("checkpointing")
     made = {}
     for family, _ in CASES:
-        config = ExtractConfig(
-            model=str(tiny_models[family]),
-            task="mrpc",
-            data_dir=glue_dir,
-            cache_root=root,
-            dtype="float32",
-            layers="all",
-            device="cpu",
-        )
+        config = tiny_extract_config(tiny_models[family], glue_dir, root, layers="all")
         made[family] = extract(config, progress=False).path
     return made
 
@@ -88,3 +80,13 @@ def test_checkpointed_late_layers_train_exactly_as_without(
     assert checkpointed[1].keys() == plain[1].keys()
     for name, value in plain[1].items():
         torch.testing.assert_close(checkpointed[1][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_checkpointing_without_late_layers_is_refused(caches, tiny_models, tmp_path):
+    cache = open_cache(caches["bert"])
+    config = TrainConfig(
+        cache=caches["bert"], out=tmp_path, late_layers=0, late_checkpointing=True, device="cpu"
+    )
+    taps = list(range(cache.num_layers + 1))
+    with pytest.raises(ConfigError, match="--late-checkpointing recomputes late layers"):
+        build_model(config, cache, task_of(cache, None), taps, str(tiny_models["bert"]))

@@ -254,6 +254,39 @@ def test_seeded_steps_from_cache_equal_online(s2s_cache, t5_full, tmp_path):
         torch.testing.assert_close(states[0][name], states[1][name], atol=1e-5, rtol=1e-4)
 
 
+def test_checkpointed_route_trains_exactly_as_without(s2s_cache, t5_full, tmp_path):
+    """``--late-checkpointing`` recomputes the frozen decoder block (dropout on) in backward
+    and changes nothing: the same losses and fusion weights, bit for bit."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    cache = open_cache(s2s_cache)
+    task = get_task("mrpc")
+    runs = []
+    for checkpointing in (False, True):
+        config = train_config(
+            s2s_cache,
+            tmp_path / str(checkpointing),
+            fusion_dropout=0.1,
+            batch_size=4,
+            late_checkpointing=checkpointing,
+        )
+        taps = seq2seq_taps(cache, config)
+        model = build_model(config, cache, task, taps, str(t5_full))
+        block = next(m for m in model.late.modules() if isinstance(m, GradientCheckpointingLayer))
+        leaf = next(m for m in block.modules() if list(m.parameters(recurse=False)))
+        calls: list[int] = []
+        leaf.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        source = Seq2SeqCachedFeatures(cache, "train", taps, 16)
+        result = fit(model, source, None, task, config, torch.device("cpu"), max_steps=3)
+        state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        runs.append((result.step_losses, state, len(calls)))
+    (plain_losses, plain, plain_calls), (losses, state, calls) = runs
+    assert calls > plain_calls  # the block ran again in the backward passes
+    assert losses == plain_losses
+    for name, value in plain.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
+
+
 def _constrained_greedy(model, net, identity, taps, ids, targets, start) -> int:
     """Decode token by token with the trained modules, the next token restricted to those
     that continue some label word; the label it completes."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_extract_config
 from torch import nn
 
 from sherl_cache import open_cache
@@ -34,15 +35,7 @@ def half_caches(tmp_path_factory, tiny_models, glue_dir) -> dict[tuple[str, str]
     root = tmp_path_factory.mktemp("half-caches")
     made = {}
     for family, dtype in (("bert", "float16"), ("bert", "bfloat16"), ("llama", "bfloat16")):
-        config = ExtractConfig(
-            model=str(tiny_models[family]),
-            task="mrpc",
-            data_dir=glue_dir,
-            cache_root=root,
-            dtype=dtype,
-            layers="all",
-            device="cpu",
-        )
+        config = tiny_extract_config(tiny_models[family], glue_dir, root, dtype=dtype, layers="all")
         made[family, dtype] = extract(config, progress=False).path
     return made
 

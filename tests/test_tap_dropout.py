@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_extract_config
 
-from sherl_cache.config.extract import ExtractConfig
 from sherl_cache.config.train import TrainConfig
 from sherl_cache.errors import ConfigError
 from sherl_cache.extraction.extract import extract
@@ -20,18 +20,10 @@ from sherl_cache.training.model import build_model
 def caches(tmp_path_factory, tiny_models, glue_dir) -> dict[str, str]:
     """Every hidden state of the tiny BERT, in float32 and in bfloat16 (kept in its dtype)."""
     root = tmp_path_factory.mktemp("tap-dropout")
+    bert = tiny_models["bert"]
     return {
         dtype: extract(
-            ExtractConfig(
-                model=str(tiny_models["bert"]),
-                task="mrpc",
-                data_dir=glue_dir,
-                cache_root=root,
-                dtype=dtype,
-                layers="all",
-                device="cpu",
-            ),
-            progress=False,
+            tiny_extract_config(bert, glue_dir, root, dtype=dtype, layers="all"), progress=False
         ).path
         for dtype in ("float32", "bfloat16")
     }

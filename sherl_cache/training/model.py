@@ -187,9 +187,10 @@ def build_model(
     return model
 
 
-def checkpoint_layers(route: nn.Module) -> int:
+def checkpoint_layers(route: nn.Module) -> None:
     """Turn on transformers' own activation checkpointing in every layer of ``route`` that
-    offers it (``GradientCheckpointingLayer``: every family's layers); returns how many.
+    offers it (``GradientCheckpointingLayer``: every family's layers); a route with none (a
+    probe, ``--late-layers 0``) is refused rather than silently left as it was.
 
     A checkpointed layer keeps only its inputs and recomputes the rest in the backward pass,
     with the forward's RNG state, so dropout masks, losses and gradients are unchanged.
@@ -199,10 +200,14 @@ def checkpoint_layers(route: nn.Module) -> int:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in route.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ConfigError(
+            "--late-checkpointing recomputes late layers, and this run has none "
+            "(--late-layers 0); drop the flag"
+        )
     for layer in layers:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
-    return len(layers)
 
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
